@@ -1,0 +1,6 @@
+"""vidleak_jax: how much private video leaks from federated-learning gradients."""
+
+from vidleak_jax import attack, data, fl, metrics, models
+
+__version__ = "0.1.0"
+__all__ = ["attack", "data", "fl", "metrics", "models"]

@@ -1,0 +1,56 @@
+"""Attack hyper-parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from vidleak_jax.attack.objectives import DISTANCES
+from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
+from vidleak_jax.attack.priors import PRIORS
+
+BATCHING = ("vmap", "map")
+INITS = ("uniform", "gaussian", "gray")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttackConfig:
+  """Everything that defines a gradient-inversion run (public hyper-parameters only).
+
+  priors: prior name -> weight (see `PRIORS`), added to the gradient-matching objective.
+  layer_weights: parameter-path prefix -> weight in the objective (see `resolve_layer_weights`).
+  batching: how the R restarts are batched inside the jitted step: "vmap" (one vectorised
+  computation) or "map" (sequential `lax.map`, avoids grouped convolutions).
+  log_every: steps per jitted dispatch (a `lax.scan`); also the progress/logging interval.
+  """
+
+  metric: str = "cosine"
+  optimizer: str = "signed_adam"
+  lr: float = 0.1
+  schedule: str = "multistep"
+  steps: int = 200
+  restarts: int = 1
+  priors: Mapping[str, float] = dataclasses.field(
+      default_factory=lambda: {"tv_spatial": 1e-2, "tv_temporal": 1e-2})
+  layer_weights: Mapping[str, float] | None = None
+  box: bool = True
+  init: str = "uniform"
+  batching: str = "vmap"
+  log_every: int = 25
+
+  def __post_init__(self):
+    DISTANCES.get(self.metric)
+    OPTIMIZERS.get(self.optimizer)
+    SCHEDULES.get(self.schedule)
+    for name, weight in self.priors.items():
+      PRIORS.get(name)
+      if weight < 0:
+        raise ValueError(f"prior weight for {name!r} must be >= 0, got {weight}")
+    for field, valid in (("batching", BATCHING), ("init", INITS)):
+      if getattr(self, field) not in valid:
+        raise KeyError(f"unknown {field} {getattr(self, field)!r}; valid: {', '.join(valid)}")
+    for field in ("steps", "restarts", "log_every"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+    if not self.lr > 0:
+      raise ValueError(f"lr must be > 0, got {self.lr}")

@@ -1,0 +1,114 @@
+"""The attack as an optax-style pair: `init(key) -> AttackState`, `run(state, n) -> (state, metrics)`.
+
+Nothing here is jitted; `reconstruct` (or a caller's runner) jits `run` once. All R restarts are
+updated inside one call, batched by `vmap` or `lax.map` (see `AttackConfig.batching`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vidleak_jax.attack.config import AttackConfig
+from vidleak_jax.attack.objectives import gradient_matching_loss
+from vidleak_jax.attack.optimizers import make_optimizer
+from vidleak_jax.attack.priors import PRIORS
+from vidleak_jax.types import ApplyFn, Grads, Labels, Params
+
+
+class AttackState(NamedTuple):
+  """Candidates [R,B,T,H,W,C], their optimizer state, the step, and the best seen per restart."""
+
+  candidates: jax.Array
+  opt_state: Any
+  step: jax.Array  # int32 []
+  best_loss: jax.Array  # [R]
+  best_candidates: jax.Array  # [R,B,T,H,W,C]
+
+
+class Attack(NamedTuple):
+  init: Callable[[jax.Array], AttackState]
+  run: Callable[[AttackState, jax.Array], tuple[AttackState, dict[str, jax.Array]]]
+  objective: Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+  if kind == "uniform":
+    return jax.random.uniform(key, shape, jnp.float32)
+  if kind == "gaussian":
+    return jnp.clip(0.5 + 0.25 * jax.random.normal(key, shape, jnp.float32), 0.0, 1.0)
+  return 0.5 + 0.01 * jax.random.normal(key, shape, jnp.float32)  # "gray"
+
+
+def _map_candidates(fn: Callable, batching: str, *args):
+  return jax.vmap(fn)(*args) if batching == "vmap" else jax.lax.map(lambda a: fn(*a), args)
+
+
+def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: Labels,
+                clip_shape: tuple[int, ...], config: AttackConfig) -> Attack:
+  """Builds the attack for clips of `clip_shape` (B,T,H,W,C) with known/recovered `labels` [B]."""
+  opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
+  priors = [(PRIORS.get(name), w) for name, w in sorted(config.priors.items()) if w > 0]
+
+  def objective(clips: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    match = gradient_matching_loss(apply_fn, params, target_grads, clips, labels, config.metric,
+                                   layer_weights=config.layer_weights)
+    total = match + sum(w * fn(clips) for fn, w in priors)
+    return total, {"grad_match": match}
+
+  value_fn = lambda x: objective(x)[0]
+
+  def init(key: jax.Array) -> AttackState:
+    shape = (config.restarts, *clip_shape)
+    candidates = _init_candidates(key, shape, config.init)
+    opt_state = _map_candidates(opt.init, config.batching, candidates)
+    return AttackState(candidates, opt_state, jnp.zeros((), jnp.int32),
+                       jnp.full((config.restarts,), jnp.inf, jnp.float32), candidates)
+
+  def candidate_step(x, opt_state):
+    (value, aux), grad = jax.value_and_grad(objective, has_aux=True)(x)
+    updates, opt_state = opt.update(grad, opt_state, x, value=value, grad=grad,
+                                    value_fn=value_fn)
+    new_x = optax.apply_updates(x, updates)
+    if config.box:
+      new_x = jnp.clip(new_x, 0.0, 1.0)
+    return new_x, opt_state, value, aux["grad_match"]
+
+  def one_step(state: AttackState) -> tuple[AttackState, dict[str, jax.Array]]:
+    new_x, opt_state, loss, match = _map_candidates(
+        candidate_step, config.batching, state.candidates, state.opt_state)
+    improved = loss < state.best_loss  # `loss` is the objective at the pre-update candidates
+    mask = improved.reshape(-1, *([1] * len(clip_shape)))
+    best = jnp.where(mask, state.candidates, state.best_candidates)
+    new_state = AttackState(new_x, opt_state, state.step + 1,
+                            jnp.where(improved, loss, state.best_loss), best)
+    return new_state, {"loss": loss, "grad_match": match}
+
+  def run(state: AttackState, num_steps: jax.Array) -> tuple[AttackState, dict[str, jax.Array]]:
+    """Runs min(num_steps, log_every) steps in one scan; metrics are [log_every, R] (NaN if idle)."""
+
+    def body(state, i):
+      def active(s):
+        return one_step(s)
+
+      def idle(s):
+        nan = jnp.full((config.restarts,), jnp.nan, jnp.float32)
+        return s, {"loss": nan, "grad_match": nan}
+
+      return jax.lax.cond(i < num_steps, active, idle, state)
+
+    return jax.lax.scan(body, state, jnp.arange(config.log_every))
+
+  return Attack(init, run, objective)
+
+
+def finalize(attack: Attack, state: AttackState, batching: str) -> AttackState:
+  """Scores the last candidates too and keeps each restart's best-so-far."""
+  loss = _map_candidates(lambda x: attack.objective(x)[0], batching, state.candidates)
+  improved = loss < state.best_loss
+  mask = improved.reshape(-1, *([1] * (state.candidates.ndim - 1)))
+  return state._replace(best_loss=jnp.where(improved, loss, state.best_loss),
+                        best_candidates=jnp.where(mask, state.candidates, state.best_candidates))

@@ -1,0 +1,81 @@
+"""Gradient-matching objectives: cosine (Inverting Gradients), l2 (DLG), l1."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from vidleak_jax.fl.updates import client_update
+from vidleak_jax.registry import Registry
+from vidleak_jax.types import ApplyFn, Clip, Grads, Labels, Params
+
+# A distance takes per-layer lists (candidate grads, target grads, weights) and returns a scalar.
+Distance = Callable[[Sequence[jax.Array], Sequence[jax.Array], Sequence[float]], jax.Array]
+DISTANCES: Registry[Distance] = Registry("gradient-matching metric")
+_EPS = 1e-12
+
+
+@DISTANCES.register("cosine")
+def cosine_distance(grads, targets, weights) -> jax.Array:
+  """1 - weighted cosine similarity of the concatenated gradients (0 when they are parallel)."""
+  dot = sum(w * jnp.vdot(g, t) for g, t, w in zip(grads, targets, weights))
+  g_sq = sum(w * jnp.vdot(g, g) for g, w in zip(grads, weights))
+  t_sq = sum(w * jnp.vdot(t, t) for t, w in zip(targets, weights))
+  return 1.0 - dot / (jnp.sqrt(g_sq + _EPS) * jnp.sqrt(t_sq + _EPS))
+
+
+@DISTANCES.register("l2")
+def l2_distance(grads, targets, weights) -> jax.Array:
+  """Weighted sum of squared differences (DLG)."""
+  return sum(w * jnp.sum(jnp.square(g - t)) for g, t, w in zip(grads, targets, weights))
+
+
+@DISTANCES.register("l1")
+def l1_distance(grads, targets, weights) -> jax.Array:
+  """Weighted sum of absolute differences."""
+  return sum(w * jnp.sum(jnp.abs(g - t)) for g, t, w in zip(grads, targets, weights))
+
+
+def leaf_paths(tree) -> list[str]:
+  """'/'-joined key paths of a params/grads pytree, in `jax.tree.leaves` order."""
+  return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def resolve_layer_weights(tree, layer_weights: Mapping[str, float] | None) -> list[float]:
+  """Per-leaf weights: the weight of the longest matching path prefix, else 1.
+
+  A prefix matches a leaf path when it equals it or names one of its parent modules
+  (e.g. "conv1" matches "conv1/kernel" and "conv1/bias"). Prefixes matching nothing are an error.
+  """
+  paths = leaf_paths(tree)
+  if not layer_weights:
+    return [1.0] * len(paths)
+
+  def matches(prefix: str, path: str) -> bool:
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+  unused = [p for p in layer_weights if not any(matches(p, path) for path in paths)]
+  if unused:
+    raise ValueError(f"layer_weights names {unused} match no parameter; parameters: {paths}")
+  weights = []
+  for path in paths:
+    hits = [p for p in layer_weights if matches(p, path)]
+    weights.append(float(layer_weights[max(hits, key=len)]) if hits else 1.0)
+  return weights
+
+
+def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grads, clips: Clip,
+                           labels: Labels, metric: str = "cosine", *,
+                           layer_weights: Mapping[str, float] | None = None) -> jax.Array:
+  """Scalar distance between the FedSGD gradient of (clips[B,T,H,W,C], labels[B]) and target_grads.
+
+  Pure: differentiable w.r.t. `clips` and usable under `jax.jit` / `jax.vmap`. `labels` are int [B]
+  or label probabilities [B, K].
+  """
+  distance = DISTANCES.get(metric)
+  grads = client_update(apply_fn, params, clips, labels)
+  weights = resolve_layer_weights(params, layer_weights)
+  return distance(jax.tree.leaves(grads), jax.tree.leaves(target_grads), weights)

@@ -1,0 +1,92 @@
+"""`reconstruct`: the gradient-inversion attack from a shared update to candidate clips."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidleak_jax.attack.config import AttackConfig
+from vidleak_jax.attack.engine import AttackState, finalize, make_attack
+from vidleak_jax.attack.labels import recover_labels
+from vidleak_jax.attack.objectives import leaf_paths
+from vidleak_jax.types import ApplyFn, Grads, Params
+
+# progress(step_done, total_steps, {"loss": best objective so far, ...}) after every dispatch.
+ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Reconstruction:
+  """Attack output: best clips [B,T,H,W,C], labels [B], objective, per-step history."""
+
+  clips: jax.Array
+  labels: jax.Array
+  loss: float
+  restart_losses: np.ndarray  # [R] best objective of every restart
+  history: dict[str, np.ndarray]  # "loss", "grad_match": [steps, R]
+
+
+def validate_target_grads(params: Params, target_grads: Grads) -> None:
+  """Raises ValueError unless `target_grads` has params' structure, shapes, and finite values."""
+  p_paths, g_paths = leaf_paths(params), leaf_paths(target_grads)
+  if p_paths != g_paths:
+    missing = sorted(set(p_paths) - set(g_paths))[:5]
+    extra = sorted(set(g_paths) - set(p_paths))[:5]
+    raise ValueError(f"target_grads does not match the model's parameters: missing {missing}, "
+                     f"unexpected {extra}")
+  for path, p, g in zip(p_paths, jax.tree.leaves(params), jax.tree.leaves(target_grads)):
+    if jnp.shape(p) != jnp.shape(g):
+      raise ValueError(f"target_grads[{path!r}] has shape {jnp.shape(g)}, expected {jnp.shape(p)}")
+    if not np.all(np.isfinite(np.asarray(g))):
+      raise ValueError(f"target_grads[{path!r}] contains NaN or Inf values")
+
+
+def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[int, ...]:
+  """Checks clip_shape is 5 positive ints (B,T,H,W,C) that the model accepts; returns it."""
+  shape = tuple(int(s) for s in clip_shape)
+  if len(shape) != 5 or min(shape) < 1:
+    raise ValueError(f"clip_shape must be 5 positive integers (B, T, H, W, C), got {clip_shape}")
+  jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(shape, jnp.float32))  # raises on mismatch
+  return shape
+
+
+def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads, *,
+                clip_shape: tuple[int, ...], labels: jax.Array | None = None,
+                config: AttackConfig = AttackConfig(),
+                progress: ProgressFn | None = None) -> Reconstruction:
+  """Optimises R candidate batches of clips [B,T,H,W,C] whose gradient matches `target_grads`.
+
+  `labels=None` recovers the labels analytically from the last layer's gradient. The attack step
+  is jitted once; `config.log_every` steps run per dispatch, then `progress` is called.
+  """
+  clip_shape = validate_clip_shape(apply_fn, params, clip_shape)
+  validate_target_grads(params, target_grads)
+  label_key, init_key = jax.random.split(key)
+  if labels is None:
+    labels = recover_labels(label_key, apply_fn, params, target_grads, clip_shape)
+  labels = jnp.asarray(labels)
+  if labels.shape[0] != clip_shape[0]:
+    raise ValueError(f"labels must have B={clip_shape[0]} entries, got shape {labels.shape}")
+
+  attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config)
+  donate = () if jax.default_backend() == "cpu" else (0,)
+  run = jax.jit(attack.run, donate_argnums=donate)
+  state: AttackState = jax.jit(attack.init)(init_key)
+  chunks = []
+  done = 0
+  while done < config.steps:
+    state, metrics = run(state, jnp.int32(config.steps - done))
+    chunks.append(jax.device_get(metrics))
+    done = min(done + config.log_every, config.steps)
+    if progress is not None:
+      progress(done, config.steps, {"loss": float(jnp.min(state.best_loss))})
+  state = jax.jit(finalize, static_argnums=(0, 2))(attack, state, config.batching)
+  best = int(jnp.argmin(state.best_loss))
+  history = {k: np.concatenate([c[k] for c in chunks])[: config.steps] for k in chunks[0]}
+  return Reconstruction(clips=state.best_candidates[best], labels=labels,
+                        loss=float(state.best_loss[best]),
+                        restart_losses=np.asarray(state.best_loss), history=history)
