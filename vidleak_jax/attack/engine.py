@@ -70,8 +70,9 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
 
   def candidate_step(x, opt_state):
     (value, aux), grad = jax.value_and_grad(objective, has_aux=True)(x)
-    updates, opt_state = opt.update(grad, opt_state, x, value=value, grad=grad,
-                                    value_fn=value_fn)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
+      updates, opt_state = opt.update(grad, opt_state, x, value=value, grad=grad,
+                                      value_fn=value_fn)
     new_x = optax.apply_updates(x, updates)
     if config.box:
       new_x = jnp.clip(new_x, 0.0, 1.0)

@@ -1,0 +1,143 @@
+"""The attack engine: restarts, batching strategies, label recovery, recovery quality, compilation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vidleak_jax as vl
+from tests.conftest import tiny_batch, tiny_victim
+from vidleak_jax.attack.labels import counts_from_bias_grad
+
+
+def _target(name="frame_cnn", batch_size=1):
+  apply_fn, params = tiny_victim(name)
+  clips, labels = tiny_batch(batch_size)
+  return apply_fn, params, vl.fl.client_update(apply_fn, params, clips, labels), clips, labels
+
+
+def _run(attack, state, steps):
+  run = jax.jit(attack.run)
+  for _ in range(steps // 2):
+    state, _ = run(state, jnp.int32(2))
+  return state
+
+
+@pytest.mark.parametrize("batching", ["vmap", "map"])
+def test_batched_restarts_equal_independent_runs(batching):
+  apply_fn, params, target, clips, labels = _target()
+  config = vl.attack.AttackConfig(restarts=3, steps=6, log_every=2, batching=batching)
+  attack = vl.attack.make_attack(apply_fn, params, target, labels, clips.shape, config)
+  state = _run(attack, attack.init(jax.random.key(0)), 6)
+
+  single_config = vl.attack.AttackConfig(restarts=1, steps=6, log_every=2)
+  single = vl.attack.make_attack(apply_fn, params, target, labels, clips.shape, single_config)
+  start = attack.init(jax.random.key(0))
+  for r in range(3):
+    state_r = jax.tree.map(lambda x: x[r:r + 1] if x.ndim else x, start)
+    state_r = _run(single, state_r, 6)
+    np.testing.assert_allclose(state.candidates[r], state_r.candidates[0], atol=1e-5)
+    np.testing.assert_allclose(state.best_loss[r], state_r.best_loss[0], rtol=1e-4)
+
+
+def test_lbfgs_runs_per_restart():
+  apply_fn, params, target, clips, labels = _target()
+  config = vl.attack.AttackConfig(restarts=2, steps=4, log_every=2, optimizer="lbfgs",
+                                  metric="l2", schedule="constant", priors={})
+  attack = vl.attack.make_attack(apply_fn, params, target, labels, clips.shape, config)
+  state = attack.init(jax.random.key(0))
+  first = float(jnp.min(attack.objective(state.candidates[0])[0]))
+  state = _run(attack, state, 4)
+  assert np.all(np.isfinite(state.best_loss))
+  assert float(jnp.min(state.best_loss)) < first
+
+
+def test_idlg_recovers_the_label_on_every_victim(victim_name):
+  apply_fn, params = tiny_victim(victim_name)
+  for label in range(4):
+    clips, _ = tiny_batch(1, seed=label)
+    target = vl.fl.client_update(apply_fn, params, clips, jnp.asarray([label]))
+    got = vl.attack.recover_labels(jax.random.key(0), apply_fn, params, target, clips.shape)
+    assert got.tolist() == [label]
+
+
+def test_batch_label_counts_are_recovered():
+  apply_fn, params = tiny_victim("frame_cnn")
+  clips, _ = tiny_batch(6, seed=3)
+  labels = jnp.asarray([0, 0, 1, 3, 3, 3], jnp.int32)
+  target = vl.fl.client_update(apply_fn, params, clips, labels)
+  got = vl.attack.recover_labels(jax.random.key(0), apply_fn, params, target, clips.shape)
+  assert got.tolist() == [0, 0, 1, 3, 3, 3]
+
+
+def test_counts_from_bias_grad_formula():
+  mean_probs = np.array([0.25, 0.25, 0.25, 0.25])
+  counts = np.array([2, 0, 1, 1])
+  bias_grad = mean_probs - counts / 4
+  np.testing.assert_array_equal(counts_from_bias_grad(bias_grad, 4, mean_probs), counts)
+
+
+def test_tiny_attack_recovers_the_clip():
+  apply_fn, params, target, clips, labels = _target("c3d")
+  config = vl.attack.AttackConfig(steps=300, optimizer="lbfgs", metric="l2",
+                                  schedule="constant", priors={}, log_every=50)
+  rec = vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target,
+                              clip_shape=clips.shape, config=config)
+  init = jax.random.uniform(jax.random.split(jax.random.key(0))[1], clips.shape)
+  psnr, psnr_init = float(vl.metrics.psnr(rec.clips, clips)[0]), float(
+      vl.metrics.psnr(init, clips)[0])
+  assert rec.labels.tolist() == labels.tolist()
+  assert psnr > 20.0 and psnr > psnr_init + 10.0, (psnr, psnr_init)
+  assert rec.history["loss"].shape == (300, 1)
+
+
+def test_attack_step_compiles_once():
+  apply_fn, params, target, clips, labels = _target()
+  config = vl.attack.AttackConfig(restarts=2, steps=9, log_every=4)
+  attack = vl.attack.make_attack(apply_fn, params, target, labels, clips.shape, config)
+  run = jax.jit(attack.run)
+  state = attack.init(jax.random.key(0))
+  for remaining in (9, 5, 1):  # the last dispatch is partial: same executable, masked steps
+    state, metrics = run(state, jnp.int32(remaining))
+  assert run._cache_size() == 1
+  assert int(state.step) == 9
+  assert np.isnan(metrics["loss"][1:]).all() and np.isfinite(metrics["loss"][0]).all()
+
+
+def test_reconstruct_compiles_a_fixed_number_of_times(monkeypatch):
+  apply_fn, params, target, clips, labels = _target()
+  events = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, *a, **k: events.append(name) if "backend_compile" in name else None)
+
+  def compiles(steps):
+    events.clear()
+    config = vl.attack.AttackConfig(steps=steps, log_every=2)
+    vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target, clip_shape=clips.shape,
+                          labels=labels, config=config)
+    return len(events)
+
+  compiles(2)  # warm caches of helper ops shared by every run
+  assert compiles(4) == compiles(16)
+
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+  apply_fn, params, target, clips, labels = _target()
+  nan_target = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), target)
+  with pytest.raises(ValueError, match="NaN"):
+    vl.attack.reconstruct(jax.random.key(0), apply_fn, params, nan_target,
+                          clip_shape=clips.shape, labels=labels)
+  bad = dict(target, head={"bias": target["head"]["bias"], "kernel": jnp.zeros((3, 3))})
+  with pytest.raises(ValueError, match="head/kernel"):
+    vl.attack.reconstruct(jax.random.key(0), apply_fn, params, bad, clip_shape=clips.shape)
+  with pytest.raises(ValueError, match="T=4"):
+    vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target,
+                          clip_shape=(1, 5, 16, 16, 3))
+  with pytest.raises(ValueError, match="clip_shape"):
+    vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target, clip_shape=(1, 4, 16))
+  with pytest.raises(KeyError, match="signed_adam"):
+    vl.attack.AttackConfig(optimizer="adamw")
+  with pytest.raises(ValueError, match="steps"):
+    vl.attack.AttackConfig(steps=-1)
