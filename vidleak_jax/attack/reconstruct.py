@@ -27,6 +27,8 @@ class Reconstruction:
   labels: jax.Array
   loss: float
   restart_losses: np.ndarray  # [R] best objective of every restart
+  best_restart: int
+  init_clips: np.ndarray  # [B,T,H,W,C] the best restart's starting point (a baseline for eval)
   history: dict[str, np.ndarray]  # "loss", "grad_match": [steps, R]
 
 
@@ -76,6 +78,7 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   donate = () if jax.default_backend() == "cpu" else (0,)
   run = jax.jit(attack.run, donate_argnums=donate)
   state: AttackState = jax.jit(attack.init)(init_key)
+  init_candidates = np.asarray(state.candidates)  # host copy: the state's buffers get donated
   chunks = []
   done = 0
   while done < config.steps:
@@ -89,4 +92,5 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   history = {k: np.concatenate([c[k] for c in chunks])[: config.steps] for k in chunks[0]}
   return Reconstruction(clips=state.best_candidates[best], labels=labels,
                         loss=float(state.best_loss[best]),
-                        restart_losses=np.asarray(state.best_loss), history=history)
+                        restart_losses=np.asarray(state.best_loss), best_restart=best,
+                        init_clips=init_candidates[best], history=history)

@@ -1,0 +1,105 @@
+r"""vidleak_jax entry point: `python -m experiments.main --flagfile=experiments/flags/quickstart.flags`.
+
+Stages (select with --stages): data → attack → eval, all reading/writing --workdir.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from vidleak_jax import attack, models, runner
+
+_ATTACK_DEFAULTS = attack.AttackConfig()
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", "runs/default", "Output directory of the run.")
+flags.DEFINE_list("stages", list(runner.STAGES), f"Stages to run, of {', '.join(runner.STAGES)}.")
+flags.DEFINE_integer("seed", 0, "One seed for data, victim initialisation and attack.")
+# Data and victim.
+flags.DEFINE_list("clip_shape", ["4", "16", "16", "3"], "Clip shape T,H,W,C.")
+flags.DEFINE_integer("batch_size", 1, "Clips in the client's batch (B).", lower_bound=1)
+flags.DEFINE_integer("num_classes", 4, "Number of classes.", lower_bound=2)
+flags.DEFINE_enum("victim", "c3d", models.VICTIMS.names(), "Victim video classifier.")
+flags.DEFINE_integer("victim_features", 12, "Channels of the victim's conv layers.", lower_bound=1)
+flags.DEFINE_enum("activation", "sigmoid", models.ACTIVATIONS.names(), "Victim activation.")
+flags.DEFINE_enum("pooling", None, ["mean", "max", "concat"], "frame_cnn temporal pooling.")
+flags.DEFINE_list("input_size", None, "Victim input H,W (frames are resized in the model).")
+# Federated update.
+flags.DEFINE_enum("update", "fedsgd", ["fedsgd", "fedavg"], "What the client shares.")
+flags.DEFINE_integer("local_steps", 1, "FedAvg local SGD steps.", lower_bound=1)
+flags.DEFINE_float("local_lr", 0.1, "FedAvg local learning rate.", lower_bound=0.0)
+# Attack.
+flags.DEFINE_enum("metric", _ATTACK_DEFAULTS.metric, attack.DISTANCES.names(),
+                  "Gradient-matching metric.")
+flags.DEFINE_enum("optimizer", _ATTACK_DEFAULTS.optimizer, attack.OPTIMIZERS.names(),
+                  "Attack optimizer.")
+flags.DEFINE_float("lr", _ATTACK_DEFAULTS.lr, "Attack learning rate.", lower_bound=0.0)
+flags.DEFINE_enum("schedule", _ATTACK_DEFAULTS.schedule, attack.SCHEDULES.names(),
+                  "Learning-rate schedule.")
+flags.DEFINE_integer("steps", _ATTACK_DEFAULTS.steps, "Attack steps.", lower_bound=1)
+flags.DEFINE_integer("restarts", _ATTACK_DEFAULTS.restarts, "Restarts R, optimised as one batch.",
+                     lower_bound=1)
+flags.DEFINE_float("tv_spatial", 1e-2, "Weight of the spatial total-variation prior.",
+                   lower_bound=0.0)
+flags.DEFINE_float("tv_temporal", 1e-2, "Weight of the temporal total-variation prior.",
+                   lower_bound=0.0)
+flags.DEFINE_bool("box", True, "Project candidates to [0, 1] after every step.")
+flags.DEFINE_enum("init", _ATTACK_DEFAULTS.init, ["uniform", "gaussian", "gray"],
+                  "Candidate initialisation.")
+flags.DEFINE_enum("batching", _ATTACK_DEFAULTS.batching, ["vmap", "map"],
+                  "How restarts are batched in the jitted step.")
+flags.DEFINE_integer("log_every", _ATTACK_DEFAULTS.log_every, "Steps per dispatch / log line.",
+                     lower_bound=1)
+flags.DEFINE_bool("known_labels", False, "Give the attacker the true labels (else recovered).")
+# Outputs.
+flags.DEFINE_integer("png_scale", 4, "Integer upscaling of frames in PNG/GIF outputs.",
+                     lower_bound=1)
+flags.DEFINE_float("gif_fps", 4.0, "Frames per second of comparison.gif.", lower_bound=0.1)
+flags.DEFINE_bool("quiet", False, "No progress bar (batch jobs).")
+
+
+def _ints(name: str, values, count: int) -> tuple[int, ...]:
+  try:
+    out = tuple(int(v) for v in values)
+  except ValueError:
+    out = ()
+  if len(out) != count or min(out) < 1:
+    raise app.UsageError(f"--{name} expects {count} positive integers separated by commas, "
+                         f"got {','.join(values)!r}")
+  return out
+
+
+def config_from_flags() -> runner.RunConfig:
+  """Builds the run configuration; invalid values raise app.UsageError naming the flag."""
+  victim_kwargs = {"features": FLAGS.victim_features, "activation": FLAGS.activation}
+  if FLAGS.pooling is not None:
+    if FLAGS.victim != "frame_cnn":
+      raise app.UsageError(f"--pooling applies to --victim=frame_cnn, not {FLAGS.victim!r}")
+    victim_kwargs["pooling"] = FLAGS.pooling
+  if FLAGS.input_size:
+    victim_kwargs["input_size"] = _ints("input_size", FLAGS.input_size, 2)
+  try:
+    attack_config = attack.AttackConfig(
+        metric=FLAGS.metric, optimizer=FLAGS.optimizer, lr=FLAGS.lr, schedule=FLAGS.schedule,
+        steps=FLAGS.steps, restarts=FLAGS.restarts, box=FLAGS.box, init=FLAGS.init,
+        priors={"tv_spatial": FLAGS.tv_spatial, "tv_temporal": FLAGS.tv_temporal},
+        batching=FLAGS.batching, log_every=FLAGS.log_every)
+    return runner.RunConfig(
+        workdir=FLAGS.workdir, stages=tuple(FLAGS.stages), seed=FLAGS.seed,
+        clip_shape=_ints("clip_shape", FLAGS.clip_shape, 4), batch_size=FLAGS.batch_size,
+        num_classes=FLAGS.num_classes, victim=FLAGS.victim, victim_kwargs=victim_kwargs,
+        update=FLAGS.update, local_steps=FLAGS.local_steps, local_lr=FLAGS.local_lr,
+        known_labels=FLAGS.known_labels, attack=attack_config, png_scale=FLAGS.png_scale,
+        gif_fps=FLAGS.gif_fps, quiet=FLAGS.quiet)
+  except (KeyError, ValueError) as e:
+    raise app.UsageError(str(e).strip("'\"")) from None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  runner.run(config_from_flags(), flag_values=FLAGS.flag_values_dict())
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,186 @@
+"""The experiment pipeline behind `experiments.main`: stages data → attack → eval in a workdir.
+
+Files in the workdir (all written atomically):
+  config.json           every setting of the run
+  data.npz              the client's private batch: clips [B,T,H,W,C] float32, labels [B]
+  shared_update.npz     what the client shares (gradient leaves keyed by parameter path)
+  reconstruction.npz    the attacker's output (clips, labels, objective history, initial guess)
+  metrics.json          PSNR / SSIM per clip and per frame, label accuracy (ground truth enters here)
+  truth.png, reconstruction.png, comparison.gif
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from vidleak_jax import attack, data, fl, metrics, models, report
+from vidleak_jax.tree_io import flatten_tree, unflatten_like
+
+STAGES = ("data", "attack", "eval")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """All settings of one run; `experiments.main` fills it from flags."""
+
+  workdir: str
+  stages: Sequence[str] = STAGES
+  seed: int = 0
+  clip_shape: tuple[int, int, int, int] = (4, 16, 16, 3)  # T, H, W, C
+  batch_size: int = 1
+  num_classes: int = 4
+  victim: str = "c3d"
+  victim_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  update: str = "fedsgd"
+  local_steps: int = 1
+  local_lr: float = 0.1
+  known_labels: bool = False
+  attack: attack.AttackConfig = attack.AttackConfig()
+  png_scale: int = 4
+  gif_fps: float = 4.0
+  quiet: bool = False
+
+  def __post_init__(self):
+    unknown = [s for s in self.stages if s not in STAGES]
+    if unknown or not self.stages:
+      raise ValueError(f"--stages: unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
+    if len(self.clip_shape) != 4 or min(self.clip_shape) < 1:
+      raise ValueError(f"--clip_shape expects T,H,W,C (4 positive integers), got {self.clip_shape}")
+    models.VICTIMS.get(self.victim)
+    if self.update not in ("fedsgd", "fedavg"):
+      raise ValueError(f"--update must be fedsgd or fedavg, got {self.update!r}")
+
+
+def _keys(seed: int) -> dict[str, jax.Array]:
+  """One seed, split once by purpose."""
+  data_key, victim_key, attack_key = jax.random.split(jax.random.key(seed), 3)
+  return {"data": data_key, "victim": victim_key, "attack": attack_key}
+
+
+def _path(cfg: RunConfig, name: str) -> str:
+  return os.path.join(cfg.workdir, name)
+
+
+def _require(cfg: RunConfig, name: str, stage: str) -> dict[str, np.ndarray]:
+  path = _path(cfg, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: run the {stage!r} stage first (--stages)")
+  return report.load_npz(path)
+
+
+def build_victim(cfg: RunConfig):
+  """(apply_fn, params) of the victim model, initialised from the run's seed."""
+  t, h, w, c = cfg.clip_shape
+  module = models.create(cfg.victim, _keys(cfg.seed)["victim"], frames=t, height=h, width=w,
+                         channels=c, num_classes=cfg.num_classes, **cfg.victim_kwargs)
+  return models.pure(module)
+
+
+def stage_data(cfg: RunConfig) -> None:
+  """Draws the client's private batch of synthetic clips."""
+  t, h, w, c = cfg.clip_shape
+  draw = jax.jit(data.synthetic_clips, static_argnums=1,
+                 static_argnames=("frames", "height", "width", "channels", "num_classes"))
+  clips, labels = draw(_keys(cfg.seed)["data"], cfg.batch_size, frames=t, height=h, width=w,
+                       channels=c, num_classes=cfg.num_classes)
+  report.save_npz(_path(cfg, "data.npz"), clips=np.asarray(clips), labels=np.asarray(labels))
+  logging.info("data: %d clip(s) of %s, labels %s", cfg.batch_size, cfg.clip_shape,
+               np.asarray(labels).tolist())
+
+
+def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
+  """The honest client's shared update (FedSGD gradient or FedAvg parameter delta)."""
+  if cfg.update == "fedsgd":
+    return jax.jit(fl.client_update, static_argnums=0)(apply_fn, params, clips, labels)
+  return jax.jit(fl.fedavg_update, static_argnums=0, static_argnames=("local_steps",))(
+      apply_fn, params, clips, labels, local_steps=cfg.local_steps, learning_rate=cfg.local_lr)
+
+
+def _progress_bar(cfg: RunConfig) -> Callable[[int, int, dict[str, float]], None]:
+  bar = tqdm(total=cfg.attack.steps, desc="attack", unit="step", disable=cfg.quiet,
+             dynamic_ncols=True)
+  start = time.perf_counter()
+
+  def update(done: int, total: int, info: dict[str, float]) -> None:
+    bar.update(done - bar.n)
+    bar.set_postfix(loss=f"{info['loss']:.4g}")
+    elapsed = time.perf_counter() - start
+    eta = elapsed / done * (total - done)
+    logging.log_every_n_seconds(logging.INFO, "attack step %d/%d  loss %.5g  eta %.0fs", 10,
+                                done, total, info["loss"], eta)
+    if done >= total:
+      bar.close()
+
+  return update
+
+
+def stage_attack(cfg: RunConfig) -> None:
+  """Client computes its update; the attacker sees only (model, params, update) and inverts it."""
+  batch = _require(cfg, "data.npz", "data")
+  clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
+  if clips.shape[1:] != tuple(cfg.clip_shape) or clips.shape[0] != cfg.batch_size:
+    raise ValueError(f"data.npz holds clips of shape {clips.shape}, but --clip_shape/--batch_size "
+                     f"ask for {(cfg.batch_size, *cfg.clip_shape)}: rerun the 'data' stage")
+  apply_fn, params = build_victim(cfg)
+  shared = client_side(cfg, apply_fn, params, clips, labels)
+  report.save_npz(_path(cfg, "shared_update.npz"), **flatten_tree(shared))
+
+  # --- attacker side: from here on only public information and the shared update ---
+  shared = unflatten_like(params, report.load_npz(_path(cfg, "shared_update.npz")),
+                          name="shared_update.npz")
+  known = labels if cfg.known_labels else None
+  clip_shape = (cfg.batch_size, *cfg.clip_shape)
+  rec = attack.reconstruct(_keys(cfg.seed)["attack"], apply_fn, params, shared,
+                           clip_shape=clip_shape, labels=known, config=cfg.attack,
+                           progress=_progress_bar(cfg))
+  report.save_npz(_path(cfg, "reconstruction.npz"), clips=np.asarray(rec.clips),
+                  labels=np.asarray(rec.labels), loss=np.asarray(rec.loss),
+                  restart_losses=rec.restart_losses, init_clips=rec.init_clips,
+                  **{f"history_{k}": v for k, v in rec.history.items()})
+  logging.info("attack: objective %.5g (best of %d restarts), labels %s", rec.loss,
+               cfg.attack.restarts, np.asarray(rec.labels).tolist())
+
+
+def stage_eval(cfg: RunConfig) -> dict[str, Any]:
+  """Scores the reconstruction against the private batch; writes metrics.json and pictures."""
+  truth = _require(cfg, "data.npz", "data")
+  rec = _require(cfg, "reconstruction.npz", "attack")
+  result = metrics.evaluate(rec["clips"], truth["clips"], rec_labels=rec["labels"],
+                            true_labels=truth["labels"])
+  perm = np.asarray(result["assignment"])
+  init_psnr = metrics.psnr(rec["init_clips"][perm], truth["clips"])
+  result.update(psnr_init=[float(v) for v in init_psnr], psnr_init_mean=float(init_psnr.mean()),
+                attack_loss=float(rec["loss"]), steps=int(rec["history_loss"].shape[0]))
+  report.write_json(_path(cfg, "metrics.json"), result)
+  matched = rec["clips"][perm]
+  report.save_png(_path(cfg, "truth.png"), report.frame_grid(truth["clips"], scale=cfg.png_scale))
+  report.save_png(_path(cfg, "reconstruction.png"),
+                  report.frame_grid(matched, scale=cfg.png_scale))
+  report.comparison_gif(_path(cfg, "comparison.gif"), truth["clips"], matched,
+                        scale=cfg.png_scale, fps=cfg.gif_fps)
+  logging.info("eval: PSNR %.2f dB (init %.2f dB), SSIM %.3f, label accuracy %s",
+               result["psnr_mean"], result["psnr_init_mean"], result["ssim_mean"],
+               result["label_accuracy"])
+  return result
+
+
+def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, Any] | None:
+  """Runs the selected stages in order; returns the metrics when `eval` ran."""
+  os.makedirs(cfg.workdir, exist_ok=True)
+  report.write_json(_path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
+  result = None
+  for stage in STAGES:
+    if stage in cfg.stages:
+      start = time.perf_counter()
+      result = {"data": stage_data, "attack": stage_attack, "eval": stage_eval}[stage](cfg)
+      logging.info("stage %s done in %.1fs", stage, time.perf_counter() - start)
+  return result
