@@ -73,6 +73,14 @@ def test_read_frames_at_any_order(mkv, noise):
   assert read_frames_at(mkv, []).shape == (0, H - 1, W + 1, 3)
 
 
+def test_read_frames_at_many_scattered_indices(tmp_path):
+  frames = np.random.default_rng(1).integers(0, 256, (240, 6, 8, 3), dtype=np.uint8)
+  path = str(tmp_path / "long.mkv")
+  write_video(path, frames)
+  idx = np.r_[np.arange(0, 240, 2), [7, 9, 11, 13]]  # 124 distinct frames in scattered runs
+  np.testing.assert_array_equal(read_frames_at(path, idx), frames[idx])
+
+
 def test_count_zero_is_empty(mkv):
   assert read_frames(mkv, count=0).shape == (0, H - 1, W + 1, 3)
 

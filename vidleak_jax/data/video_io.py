@@ -160,6 +160,9 @@ def read_frames(
   return frames
 
 
+_MAX_SELECT_TERMS = 48
+
+
 def read_frames_at(path: PathLike, indices: Sequence[int] | np.ndarray) -> np.ndarray:
   """Frames at `indices` (any order, repeats allowed) in one decoding pass: uint8[K, H, W, 3]."""
   path = os.fspath(path)
@@ -170,8 +173,16 @@ def read_frames_at(path: PathLike, indices: Sequence[int] | np.ndarray) -> np.nd
   wanted = np.unique(idx)
   if wanted.size == 0:
     return np.zeros((0, height, width, 3), np.uint8)
-  select = "+".join(f"eq(n,{int(i)})" for i in wanted)
-  frames = _decode(path, select, int(wanted.size), (height, width))
+  # Contiguous runs become between(n,a,b) terms; ffmpeg's expression parser fails on very long
+  # expressions, so at most _MAX_SELECT_TERMS runs are decoded per pass.
+  breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+  runs = [(int(r[0]), int(r[-1])) for r in np.split(wanted, breaks)]
+  parts = []
+  for i in range(0, len(runs), _MAX_SELECT_TERMS):
+    group = runs[i:i + _MAX_SELECT_TERMS]
+    select = "+".join(f"between(n,{a},{b})" for a, b in group)
+    parts.append(_decode(path, select, sum(b - a + 1 for a, b in group), (height, width)))
+  frames = np.concatenate(parts) if len(parts) > 1 else parts[0]
   if len(frames) < wanted.size:
     raise VideoDecodeError(f"video {path!r} has {_count_frames(path)} frames; "
                            f"frame {int(wanted[-1])} requested")

@@ -27,7 +27,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".m
                     ".flv", ".gif")
 SKIPPED_FILE = "skipped.json"
 _BYTES_PER_PASS = 256 << 20  # decoded full-resolution frames held in memory per decoding pass
-_MAX_PICKS = 96  # frames per `read_frames_at` call: its ffmpeg expression fails beyond ~100
+_MAX_PICKS = 96  # frames picked per `read_frames_at` decoding pass (bounds memory per pass)
 
 
 class VideoItem(NamedTuple):
