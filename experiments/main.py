@@ -16,6 +16,14 @@ flags.DEFINE_string("workdir", "runs/default", "Output directory of the run.")
 flags.DEFINE_list("stages", list(runner.STAGES), f"Stages to run, of {', '.join(runner.STAGES)}.")
 flags.DEFINE_integer("seed", 0, "One seed for data, victim initialisation and attack.")
 # Data and victim.
+flags.DEFINE_string("data", "synthetic", "Client data: synthetic | video:PATH | shipped:NAME | "
+                    "folder:DIR | tfds:BUILDER:MANUAL_DIR (builders video_folder, ucf_crime, "
+                    "ucf101).")
+flags.DEFINE_integer("frame_stride", 1, "Take every n-th frame of real video.", lower_bound=1)
+flags.DEFINE_integer("references", 0, "Reference frames of the same camera given to the "
+                     "attacker (0, 1 or many).", lower_bound=0)
+flags.DEFINE_string("tfds_dir", None, "Where tfds builds datasets (default ~/tensorflow_datasets).")
+flags.DEFINE_string("data_split", "train", "Split of a tfds dataset.")
 flags.DEFINE_list("clip_shape", ["4", "16", "16", "3"], "Clip shape T,H,W,C.")
 flags.DEFINE_integer("batch_size", 1, "Clips in the client's batch (B).", lower_bound=1)
 flags.DEFINE_integer("num_classes", 4, "Number of classes.", lower_bound=2)
@@ -85,7 +93,9 @@ def config_from_flags() -> runner.RunConfig:
         priors={"tv_spatial": FLAGS.tv_spatial, "tv_temporal": FLAGS.tv_temporal},
         batching=FLAGS.batching, log_every=FLAGS.log_every)
     return runner.RunConfig(
-        workdir=FLAGS.workdir, stages=tuple(FLAGS.stages), seed=FLAGS.seed,
+        workdir=FLAGS.workdir, stages=tuple(FLAGS.stages), seed=FLAGS.seed, data=FLAGS.data,
+        frame_stride=FLAGS.frame_stride, references=FLAGS.references, tfds_dir=FLAGS.tfds_dir,
+        data_split=FLAGS.data_split,
         clip_shape=_ints("clip_shape", FLAGS.clip_shape, 4), batch_size=FLAGS.batch_size,
         num_classes=FLAGS.num_classes, victim=FLAGS.victim, victim_kwargs=victim_kwargs,
         update=FLAGS.update, local_steps=FLAGS.local_steps, local_lr=FLAGS.local_lr,

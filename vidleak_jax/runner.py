@@ -2,7 +2,8 @@
 
 Files in the workdir (all written atomically):
   config.json           every setting of the run
-  data.npz              the client's private batch: clips [B,T,H,W,C] float32, labels [B]
+  data.npz              the client's private batch: clips [B,T,H,W,C] float32, labels [B], origins
+  references.npz        attacker-side reference frames [k,H,W,C] of the same camera (may be k=0)
   shared_update.npz     what the client shares (gradient leaves keyed by parameter path)
   reconstruction.npz    the attacker's output (clips, labels, objective history, initial guess)
   metrics.json          PSNR / SSIM per clip and per frame, label accuracy (ground truth enters here)
@@ -22,7 +23,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from vidleak_jax import attack, data, fl, metrics, models, report
+from vidleak_jax import attack, fl, metrics, models, report
+from vidleak_jax.data import sources
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 
 STAGES = ("data", "attack", "eval")
@@ -35,7 +37,12 @@ class RunConfig:
   workdir: str
   stages: Sequence[str] = STAGES
   seed: int = 0
+  data: str = "synthetic"  # see `vidleak_jax.data.sources`
   clip_shape: tuple[int, int, int, int] = (4, 16, 16, 3)  # T, H, W, C
+  frame_stride: int = 1
+  references: int = 0
+  tfds_dir: str | None = None
+  data_split: str = "train"
   batch_size: int = 1
   num_classes: int = 4
   victim: str = "c3d"
@@ -56,6 +63,9 @@ class RunConfig:
     if len(self.clip_shape) != 4 or min(self.clip_shape) < 1:
       raise ValueError(f"--clip_shape expects T,H,W,C (4 positive integers), got {self.clip_shape}")
     models.VICTIMS.get(self.victim)
+    sources.parse_data_spec(self.data)
+    if self.frame_stride < 1 or self.references < 0:
+      raise ValueError("--frame_stride must be >= 1 and --references >= 0")
     if self.update not in ("fedsgd", "fedavg"):
       raise ValueError(f"--update must be fedsgd or fedavg, got {self.update!r}")
 
@@ -86,15 +96,18 @@ def build_victim(cfg: RunConfig):
 
 
 def stage_data(cfg: RunConfig) -> None:
-  """Draws the client's private batch of synthetic clips."""
+  """Loads the client's private batch and the attacker's reference frames."""
   t, h, w, c = cfg.clip_shape
-  draw = jax.jit(data.synthetic_clips, static_argnums=1,
-                 static_argnames=("frames", "height", "width", "channels", "num_classes"))
-  clips, labels = draw(_keys(cfg.seed)["data"], cfg.batch_size, frames=t, height=h, width=w,
-                       channels=c, num_classes=cfg.num_classes)
-  report.save_npz(_path(cfg, "data.npz"), clips=np.asarray(clips), labels=np.asarray(labels))
-  logging.info("data: %d clip(s) of %s, labels %s", cfg.batch_size, cfg.clip_shape,
-               np.asarray(labels).tolist())
+  batch = sources.load_client_batch(
+      _keys(cfg.seed)["data"], cfg.data, batch_size=cfg.batch_size,
+      spec=sources.ClipSpec(t, h, w, c, cfg.frame_stride), num_classes=cfg.num_classes,
+      num_references=cfg.references, tfds_dir=cfg.tfds_dir, split=cfg.data_split)
+  report.save_npz(_path(cfg, "data.npz"), clips=batch.clips, labels=batch.labels,
+                  origins=np.asarray(batch.origins))
+  report.save_npz(_path(cfg, "references.npz"), frames=batch.references)
+  logging.info("data: %d clip(s) of %s from %s, labels %s, %d reference frame(s)",
+               cfg.batch_size, cfg.clip_shape, cfg.data, batch.labels.tolist(),
+               len(batch.references))
 
 
 def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
