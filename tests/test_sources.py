@@ -96,3 +96,17 @@ def test_unusable_data_fails_with_a_clear_message(tmp_path, folder):
   with pytest.raises(ValueError, match="short.mkv"):
     sources.load_client_batch(jax.random.key(0), f"video:{short}", batch_size=1, spec=SPEC,
                               num_classes=2)
+
+
+def test_tfds_video_folder_batch(folder, tmp_path_factory):
+  root, videos = folder
+  tfds_dir = str(tmp_path_factory.mktemp("tfds"))
+  batch = sources.load_client_batch(jax.random.key(0), f"tfds:video_folder:{root}",
+                                    batch_size=2, spec=SPEC, num_classes=2, num_references=2,
+                                    tfds_dir=tfds_dir)
+  assert batch.clips.shape == (2, 4, 8, 8, 3) and batch.references.shape == (2, 8, 8, 3)
+  for clip, label, origin in zip(batch.clips, batch.labels, batch.origins):
+    video, start = origin.rsplit("@", 1)
+    true_label, frames = videos[os.path.join(str(root), video)]
+    assert label == true_label
+    np.testing.assert_allclose(clip, frames[int(start):int(start) + 7:2] / 255.0, atol=1e-6)
