@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
+import jax
+
 from vidleak_jax.attack.objectives import DISTANCES
 from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
 from vidleak_jax.attack.priors import PRIORS
 
-BATCHING = ("vmap", "map")
+BATCHING = ("auto", "vmap", "map")
+CONVS = ("auto", "xla", "im2col")
 INITS = ("uniform", "gaussian", "gray")
 
 
@@ -20,7 +23,11 @@ class AttackConfig:
   priors: prior name -> weight (see `PRIORS`), added to the gradient-matching objective.
   layer_weights: parameter-path prefix -> weight in the objective (see `resolve_layer_weights`).
   batching: how the R restarts are batched inside the jitted step: "vmap" (one vectorised
-  computation) or "map" (sequential `lax.map`, avoids grouped convolutions).
+  computation) or "map" (sequential `lax.map`); "auto" = "map" on CPU (no gain from batching on
+  few cores), "vmap" on GPU/TPU.
+  conv: implementation of the victim's convolutions while the attack traces them (see
+  `vidleak_jax.models.layers`); "auto" = "im2col", which keeps per-candidate weight gradients
+  as batched matmuls instead of grouped convolutions. Same function either way.
   log_every: steps per jitted dispatch (a `lax.scan`); also the progress/logging interval.
   """
 
@@ -35,7 +42,8 @@ class AttackConfig:
   layer_weights: Mapping[str, float] | None = None
   box: bool = True
   init: str = "uniform"
-  batching: str = "vmap"
+  batching: str = "auto"
+  conv: str = "auto"
   log_every: int = 25
 
   def __post_init__(self):
@@ -46,11 +54,23 @@ class AttackConfig:
       PRIORS.get(name)
       if weight < 0:
         raise ValueError(f"prior weight for {name!r} must be >= 0, got {weight}")
-    for field, valid in (("batching", BATCHING), ("init", INITS)):
+    for field, valid in (("batching", BATCHING), ("conv", CONVS), ("init", INITS)):
       if getattr(self, field) not in valid:
         raise KeyError(f"unknown {field} {getattr(self, field)!r}; valid: {', '.join(valid)}")
     for field in ("steps", "restarts", "log_every"):
       if getattr(self, field) < 1:
         raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
-    if not self.lr > 0:
+    if not self.lr > 0:  # also rejects NaN
       raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def resolve_batching(batching: str) -> str:
+  """"auto" -> "map" on CPU, "vmap" on accelerators; other values unchanged."""
+  if batching != "auto":
+    return batching
+  return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def resolve_conv(conv: str) -> str:
+  """"auto" -> "im2col"; other values unchanged."""
+  return "im2col" if conv == "auto" else conv

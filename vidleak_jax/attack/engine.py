@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vidleak_jax.attack.config import AttackConfig
+from vidleak_jax.attack.config import AttackConfig, resolve_batching, resolve_conv
 from vidleak_jax.attack.objectives import gradient_matching_loss
 from vidleak_jax.attack.optimizers import make_optimizer
 from vidleak_jax.attack.priors import PRIORS
+from vidleak_jax.models.layers import conv_implementation
 from vidleak_jax.types import ApplyFn, Grads, Labels, Params
 
 
@@ -30,9 +31,13 @@ class AttackState(NamedTuple):
 
 
 class Attack(NamedTuple):
+  """init(key) -> state; run(state, n) -> (state, metrics); objective(clips) -> (loss, aux);
+  finalize(state) -> state with the last candidates scored too."""
+
   init: Callable[[jax.Array], AttackState]
   run: Callable[[AttackState, jax.Array], tuple[AttackState, dict[str, jax.Array]]]
   objective: Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+  finalize: Callable[[AttackState], AttackState]
 
 
 def _init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
@@ -47,15 +52,25 @@ def _map_candidates(fn: Callable, batching: str, *args):
   return jax.vmap(fn)(*args) if batching == "vmap" else jax.lax.map(lambda a: fn(*a), args)
 
 
+def _keep_best(state: AttackState, loss: jax.Array, candidates: jax.Array):
+  """(best_loss [R], best_candidates) after scoring `candidates` [R,...] with `loss` [R]."""
+  improved = loss < state.best_loss
+  mask = improved.reshape(-1, *([1] * (candidates.ndim - 1)))
+  return (jnp.where(improved, loss, state.best_loss),
+          jnp.where(mask, candidates, state.best_candidates))
+
+
 def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: Labels,
                 clip_shape: tuple[int, ...], config: AttackConfig) -> Attack:
   """Builds the attack for clips of `clip_shape` (B,T,H,W,C) with known/recovered `labels` [B]."""
   opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
   priors = [(PRIORS.get(name), w) for name, w in sorted(config.priors.items()) if w > 0]
+  batching, conv = resolve_batching(config.batching), resolve_conv(config.conv)
 
   def objective(clips: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    match = gradient_matching_loss(apply_fn, params, target_grads, clips, labels, config.metric,
-                                   layer_weights=config.layer_weights)
+    with conv_implementation(conv):  # read while tracing: selects the victim's conv kernels
+      match = gradient_matching_loss(apply_fn, params, target_grads, clips, labels,
+                                     config.metric, layer_weights=config.layer_weights)
     total = match + sum(w * fn(clips) for fn, w in priors)
     return total, {"grad_match": match}
 
@@ -64,7 +79,7 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
   def init(key: jax.Array) -> AttackState:
     shape = (config.restarts, *clip_shape)
     candidates = _init_candidates(key, shape, config.init)
-    opt_state = _map_candidates(opt.init, config.batching, candidates)
+    opt_state = _map_candidates(opt.init, batching, candidates)
     return AttackState(candidates, opt_state, jnp.zeros((), jnp.int32),
                        jnp.full((config.restarts,), jnp.inf, jnp.float32), candidates)
 
@@ -80,13 +95,11 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
 
   def one_step(state: AttackState) -> tuple[AttackState, dict[str, jax.Array]]:
     new_x, opt_state, loss, match = _map_candidates(
-        candidate_step, config.batching, state.candidates, state.opt_state)
-    improved = loss < state.best_loss  # `loss` is the objective at the pre-update candidates
-    mask = improved.reshape(-1, *([1] * len(clip_shape)))
-    best = jnp.where(mask, state.candidates, state.best_candidates)
-    new_state = AttackState(new_x, opt_state, state.step + 1,
-                            jnp.where(improved, loss, state.best_loss), best)
-    return new_state, {"loss": loss, "grad_match": match}
+        candidate_step, batching, state.candidates, state.opt_state)
+    # `loss` is the objective at the pre-update candidates.
+    best_loss, best = _keep_best(state, loss, state.candidates)
+    return (AttackState(new_x, opt_state, state.step + 1, best_loss, best),
+            {"loss": loss, "grad_match": match})
 
   def run(state: AttackState, num_steps: jax.Array) -> tuple[AttackState, dict[str, jax.Array]]:
     """Runs min(num_steps, log_every) steps in one scan; metrics are [log_every, R] (NaN if idle)."""
@@ -103,13 +116,9 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
 
     return jax.lax.scan(body, state, jnp.arange(config.log_every))
 
-  return Attack(init, run, objective)
+  def finalize(state: AttackState) -> AttackState:
+    loss = _map_candidates(value_fn, batching, state.candidates)
+    best_loss, best = _keep_best(state, loss, state.candidates)
+    return state._replace(best_loss=best_loss, best_candidates=best)
 
-
-def finalize(attack: Attack, state: AttackState, batching: str) -> AttackState:
-  """Scores the last candidates too and keeps each restart's best-so-far."""
-  loss = _map_candidates(lambda x: attack.objective(x)[0], batching, state.candidates)
-  improved = loss < state.best_loss
-  mask = improved.reshape(-1, *([1] * (state.candidates.ndim - 1)))
-  return state._replace(best_loss=jnp.where(improved, loss, state.best_loss),
-                        best_candidates=jnp.where(mask, state.candidates, state.best_candidates))
+  return Attack(init, run, objective, finalize)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidleak_jax.attack.config import AttackConfig
-from vidleak_jax.attack.engine import AttackState, finalize, make_attack
+from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
 from vidleak_jax.attack.objectives import leaf_paths
 from vidleak_jax.types import ApplyFn, Grads, Params
@@ -87,7 +87,7 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
     done = min(done + config.log_every, config.steps)
     if progress is not None:
       progress(done, config.steps, {"loss": float(jnp.min(state.best_loss))})
-  state = jax.jit(finalize, static_argnums=(0, 2))(attack, state, config.batching)
+  state = jax.jit(attack.finalize)(state)
   best = int(jnp.argmin(state.best_loss))
   history = {k: np.concatenate([c[k] for c in chunks])[: config.steps] for k in chunks[0]}
   return Reconstruction(clips=state.best_candidates[best], labels=labels,
