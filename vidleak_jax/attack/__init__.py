@@ -1,5 +1,6 @@
 """Gradient-inversion attacks on video classifiers."""
 
+from vidleak_jax.attack import sharding
 from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.engine import Attack, AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
@@ -10,5 +11,5 @@ from vidleak_jax.attack.reconstruct import Reconstruction, reconstruct
 
 __all__ = [
     "Attack", "AttackConfig", "AttackState", "DISTANCES", "OPTIMIZERS", "PRIORS", "Reconstruction",
-    "SCHEDULES", "gradient_matching_loss", "make_attack", "reconstruct", "recover_labels",
+    "SCHEDULES", "gradient_matching_loss", "sharding", "make_attack", "reconstruct", "recover_labels",
 ]

@@ -104,15 +104,12 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
   def run(state: AttackState, num_steps: jax.Array) -> tuple[AttackState, dict[str, jax.Array]]:
     """Runs min(num_steps, log_every) steps in one scan; metrics are [log_every, R] (NaN if idle)."""
 
+    def idle(s):
+      nan = jnp.full_like(s.best_loss, jnp.nan)  # [R] (or this device's shard of R)
+      return s, {"loss": nan, "grad_match": nan}
+
     def body(state, i):
-      def active(s):
-        return one_step(s)
-
-      def idle(s):
-        nan = jnp.full((config.restarts,), jnp.nan, jnp.float32)
-        return s, {"loss": nan, "grad_match": nan}
-
-      return jax.lax.cond(i < num_steps, active, idle, state)
+      return jax.lax.cond(i < num_steps, one_step, idle, state)
 
     return jax.lax.scan(body, state, jnp.arange(config.log_every))
 

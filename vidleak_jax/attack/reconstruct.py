@@ -13,6 +13,7 @@ from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
 from vidleak_jax.attack.objectives import leaf_paths
+from vidleak_jax.attack.sharding import candidate_mesh, place_state, shard_candidates
 from vidleak_jax.types import ApplyFn, Grads, Params
 
 # progress(step_done, total_steps, {"loss": best objective so far, ...}) after every dispatch.
@@ -59,11 +60,14 @@ def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[
 def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads, *,
                 clip_shape: tuple[int, ...], labels: jax.Array | None = None,
                 config: AttackConfig = AttackConfig(),
-                progress: ProgressFn | None = None) -> Reconstruction:
+                progress: ProgressFn | None = None,
+                mesh: jax.sharding.Mesh | None | str = "auto") -> Reconstruction:
   """Optimises R candidate batches of clips [B,T,H,W,C] whose gradient matches `target_grads`.
 
   `labels=None` recovers the labels analytically from the last layer's gradient. The attack step
   is jitted once; `config.log_every` steps run per dispatch, then `progress` is called.
+  `mesh`: restarts are split over its devices; "auto" uses all devices when R divides evenly
+  (see `candidate_mesh`), None keeps everything on the default device.
   """
   clip_shape = validate_clip_shape(apply_fn, params, clip_shape)
   validate_target_grads(params, target_grads)
@@ -75,10 +79,14 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
     raise ValueError(f"labels must have B={clip_shape[0]} entries, got shape {labels.shape}")
 
   attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config)
-  donate = () if jax.default_backend() == "cpu" else (0,)
-  run = jax.jit(attack.run, donate_argnums=donate)
   state: AttackState = jax.jit(attack.init)(init_key)
   init_candidates = np.asarray(state.candidates)  # host copy: the state's buffers get donated
+  if mesh == "auto":
+    mesh = candidate_mesh(config.restarts)
+  if mesh is not None:
+    attack, state = shard_candidates(attack, mesh), place_state(state, mesh)
+  donate = () if jax.default_backend() == "cpu" else (0,)
+  run = jax.jit(attack.run, donate_argnums=donate)
   chunks = []
   done = 0
   while done < config.steps:
@@ -88,9 +96,9 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
     if progress is not None:
       progress(done, config.steps, {"loss": float(jnp.min(state.best_loss))})
   state = jax.jit(attack.finalize)(state)
-  best = int(jnp.argmin(state.best_loss))
+  losses, candidates = jax.device_get((state.best_loss, state.best_candidates))
+  best = int(np.argmin(losses))
   history = {k: np.concatenate([c[k] for c in chunks])[: config.steps] for k in chunks[0]}
-  return Reconstruction(clips=state.best_candidates[best], labels=labels,
-                        loss=float(state.best_loss[best]),
-                        restart_losses=np.asarray(state.best_loss), best_restart=best,
+  return Reconstruction(clips=jnp.asarray(candidates[best]), labels=labels,
+                        loss=float(losses[best]), restart_losses=losses, best_restart=best,
                         init_clips=init_candidates[best], history=history)
