@@ -54,8 +54,11 @@ flags.DEFINE_float("tv_temporal", 1e-2, "Weight of the temporal total-variation 
 flags.DEFINE_bool("box", True, "Project candidates to [0, 1] after every step.")
 flags.DEFINE_enum("init", _ATTACK_DEFAULTS.init, ["uniform", "gaussian", "gray"],
                   "Candidate initialisation.")
-flags.DEFINE_enum("batching", _ATTACK_DEFAULTS.batching, ["vmap", "map"],
-                  "How restarts are batched in the jitted step.")
+flags.DEFINE_enum("batching", _ATTACK_DEFAULTS.batching, list(attack.config.BATCHING),
+                  "How restarts are batched in the jitted step (auto: map on CPU, vmap on "
+                  "GPU/TPU).")
+flags.DEFINE_enum("conv", _ATTACK_DEFAULTS.conv, list(attack.config.CONVS),
+                  "Victim convolution kernels while attacking (auto: im2col).")
 flags.DEFINE_integer("log_every", _ATTACK_DEFAULTS.log_every, "Steps per dispatch / log line.",
                      lower_bound=1)
 flags.DEFINE_bool("known_labels", False, "Give the attacker the true labels (else recovered).")
@@ -91,7 +94,7 @@ def config_from_flags() -> runner.RunConfig:
         metric=FLAGS.metric, optimizer=FLAGS.optimizer, lr=FLAGS.lr, schedule=FLAGS.schedule,
         steps=FLAGS.steps, restarts=FLAGS.restarts, box=FLAGS.box, init=FLAGS.init,
         priors={"tv_spatial": FLAGS.tv_spatial, "tv_temporal": FLAGS.tv_temporal},
-        batching=FLAGS.batching, log_every=FLAGS.log_every)
+        batching=FLAGS.batching, conv=FLAGS.conv, log_every=FLAGS.log_every)
     return runner.RunConfig(
         workdir=FLAGS.workdir, stages=tuple(FLAGS.stages), seed=FLAGS.seed, data=FLAGS.data,
         frame_stride=FLAGS.frame_stride, references=FLAGS.references, tfds_dir=FLAGS.tfds_dir,

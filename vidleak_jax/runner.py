@@ -158,6 +158,7 @@ def stage_attack(cfg: RunConfig) -> None:
   report.save_npz(_path(cfg, "reconstruction.npz"), clips=np.asarray(rec.clips),
                   labels=np.asarray(rec.labels), loss=np.asarray(rec.loss),
                   restart_losses=rec.restart_losses, init_clips=rec.init_clips,
+                  compile_s=np.asarray(rec.compile_s),
                   **{f"history_{k}": v for k, v in rec.history.items()})
   logging.info("attack: objective %.5g (best of %d restarts), labels %s", rec.loss,
                cfg.attack.restarts, np.asarray(rec.labels).tolist())
@@ -172,7 +173,8 @@ def stage_eval(cfg: RunConfig) -> dict[str, Any]:
   perm = np.asarray(result["assignment"])
   init_psnr = metrics.psnr(rec["init_clips"][perm], truth["clips"])
   result.update(psnr_init=[float(v) for v in init_psnr], psnr_init_mean=float(init_psnr.mean()),
-                attack_loss=float(rec["loss"]), steps=int(rec["history_loss"].shape[0]))
+                attack_loss=float(rec["loss"]), steps=int(rec["history_loss"].shape[0]),
+                compile_s=float(rec["compile_s"]))
   report.write_json(_path(cfg, "metrics.json"), result)
   matched = rec["clips"][perm]
   report.save_png(_path(cfg, "truth.png"), report.frame_grid(truth["clips"], scale=cfg.png_scale))
