@@ -67,6 +67,10 @@ flags.DEFINE_integer("png_scale", 4, "Integer upscaling of frames in PNG/GIF out
                      lower_bound=1)
 flags.DEFINE_float("gif_fps", 4.0, "Frames per second of comparison.gif.", lower_bound=0.1)
 flags.DEFINE_bool("quiet", False, "No progress bar (batch jobs).")
+# Multi-host (jax.distributed): the same command on every process; process 0 writes the outputs.
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0; enables multi-host.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).", lower_bound=0)
 
 
 def _ints(name: str, values, count: int) -> tuple[int, ...]:
@@ -111,7 +115,10 @@ def config_from_flags() -> runner.RunConfig:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-  runner.run(config_from_flags(), flag_values=FLAGS.flag_values_dict())
+  config = config_from_flags()
+  if FLAGS.coordinator_address:
+    runner.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  runner.run(config, flag_values=FLAGS.flag_values_dict())
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vidleak_jax import attack, fl, metrics, models, report
@@ -102,9 +103,9 @@ def stage_data(cfg: RunConfig) -> None:
       _keys(cfg.seed)["data"], cfg.data, batch_size=cfg.batch_size,
       spec=sources.ClipSpec(t, h, w, c, cfg.frame_stride), num_classes=cfg.num_classes,
       num_references=cfg.references, tfds_dir=cfg.tfds_dir, split=cfg.data_split)
-  report.save_npz(_path(cfg, "data.npz"), clips=batch.clips, labels=batch.labels,
-                  origins=np.asarray(batch.origins))
-  report.save_npz(_path(cfg, "references.npz"), frames=batch.references)
+  _save(cfg, "data.npz", clips=batch.clips, labels=batch.labels,
+        origins=np.asarray(batch.origins))
+  _save(cfg, "references.npz", frames=batch.references)
   logging.info("data: %d clip(s) of %s from %s, labels %s, %d reference frame(s)",
                cfg.batch_size, cfg.clip_shape, cfg.data, batch.labels.tolist(),
                len(batch.references))
@@ -144,18 +145,17 @@ def stage_attack(cfg: RunConfig) -> None:
     raise ValueError(f"data.npz holds clips of shape {clips.shape}, but --clip_shape/--batch_size "
                      f"ask for {(cfg.batch_size, *cfg.clip_shape)}: rerun the 'data' stage")
   apply_fn, params = build_victim(cfg)
-  shared = client_side(cfg, apply_fn, params, clips, labels)
-  report.save_npz(_path(cfg, "shared_update.npz"), **flatten_tree(shared))
+  shared = flatten_tree(client_side(cfg, apply_fn, params, clips, labels))
+  _save(cfg, "shared_update.npz", **shared)
 
   # --- attacker side: from here on only public information and the shared update ---
-  shared = unflatten_like(params, report.load_npz(_path(cfg, "shared_update.npz")),
-                          name="shared_update.npz")
+  shared = unflatten_like(params, shared, name="shared_update.npz")
   known = labels if cfg.known_labels else None
   clip_shape = (cfg.batch_size, *cfg.clip_shape)
   rec = attack.reconstruct(_keys(cfg.seed)["attack"], apply_fn, params, shared,
                            clip_shape=clip_shape, labels=known, config=cfg.attack,
                            progress=_progress_bar(cfg))
-  report.save_npz(_path(cfg, "reconstruction.npz"), clips=np.asarray(rec.clips),
+  _save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
                   labels=np.asarray(rec.labels), loss=np.asarray(rec.loss),
                   restart_losses=rec.restart_losses, init_clips=rec.init_clips,
                   compile_s=np.asarray(rec.compile_s),
@@ -188,14 +188,44 @@ def stage_eval(cfg: RunConfig) -> dict[str, Any]:
   return result
 
 
+def init_distributed(coordinator_address: str, num_processes: int | None,
+                     process_id: int | None) -> None:
+  """Joins a multi-process JAX run (GPU/TPU pods, clusters; CPU processes talk over gloo)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+  logging.info("process %d of %d, %d global devices", jax.process_index(), jax.process_count(),
+               jax.device_count())
+
+
+def _is_writer() -> bool:
+  return jax.process_index() == 0
+
+
+def _save(cfg: RunConfig, name: str, **arrays) -> None:
+  """Process 0 writes `name` in the workdir; the others compute the same values."""
+  if _is_writer():
+    report.save_npz(_path(cfg, name), **arrays)
+
+
 def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, Any] | None:
-  """Runs the selected stages in order; returns the metrics when `eval` ran."""
-  os.makedirs(cfg.workdir, exist_ok=True)
-  report.write_json(_path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
+  """Runs the selected stages in order; returns the metrics when `eval` ran.
+
+  Under `jax.distributed` every process runs every stage (the attack is sharded over all
+  devices), process 0 writes the files (the workdir must be on a shared filesystem), and the
+  processes wait for each other between stages.
+  """
+  if _is_writer():
+    os.makedirs(cfg.workdir, exist_ok=True)
+    report.write_json(_path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
   result = None
   for stage in STAGES:
-    if stage in cfg.stages:
+    if stage not in cfg.stages:
+      continue
+    if stage != "eval" or _is_writer():  # eval is host-side work on the written files
       start = time.perf_counter()
       result = {"data": stage_data, "attack": stage_attack, "eval": stage_eval}[stage](cfg)
       logging.info("stage %s done in %.1fs", stage, time.perf_counter() - start)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"vidleak_jax stage {stage}")
   return result

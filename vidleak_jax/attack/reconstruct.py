@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.engine import AttackState, make_attack
@@ -60,6 +61,13 @@ def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[
   return shape
 
 
+def _fetch(tree):
+  """Host copies of (possibly multi-process, sharded) arrays."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads, *,
                 clip_shape: tuple[int, ...], labels: jax.Array | None = None,
                 config: AttackConfig = AttackConfig(),
@@ -97,12 +105,13 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   done = 0
   while done < config.steps:
     state, metrics = run(state, jnp.int32(config.steps - done))
-    chunks.append(jax.device_get(metrics))
+    chunks.append(_fetch(metrics))
     done = min(done + config.log_every, config.steps)
     if progress is not None:
-      progress(done, config.steps, {"loss": float(jnp.min(state.best_loss))})
+      seen = np.concatenate([c["loss"] for c in chunks])
+      progress(done, config.steps, {"loss": float(np.nanmin(seen))})
   state = jax.jit(attack.finalize)(state)
-  losses, candidates = jax.device_get((state.best_loss, state.best_candidates))
+  losses, candidates = _fetch((state.best_loss, state.best_candidates))
   best = int(np.argmin(losses))
   history = {k: np.concatenate([c[k] for c in chunks])[: config.steps] for k in chunks[0]}
   return Reconstruction(clips=jnp.asarray(candidates[best]), labels=labels,
