@@ -84,9 +84,10 @@ def ssim_per_frame(x: Array, y: Array, *, data_range: float = 1.0) -> Array:
   """
   x, y = _check_clips(x, y)
   b, t, h, w = x.shape[:4]
-  vals = dm_pix.ssim(
-      _fold(x), _fold(y), max_val=data_range,
-      filter_size=ssim_filter_size(h, w), filter_sigma=SSIM_FILTER_SIGMA)
+  with jax.numpy_dtype_promotion("standard"):  # dm_pix mixes int32 and float scalars
+    vals = dm_pix.ssim(
+        _fold(x), _fold(y), max_val=data_range,
+        filter_size=ssim_filter_size(h, w), filter_sigma=SSIM_FILTER_SIGMA)
   return vals.reshape(b, t)
 
 
