@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import resource
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments.host_memory import host_mark, host_peak_since
 import vidleak_jax as vl
 from vidleak_jax.attack.config import BATCHING, CONVS
 
@@ -75,29 +75,12 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:  # Linux only; callers fall back to ru_maxrss
-    return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _host_mark() -> tuple[int, bool]:
-  """Resets Linux's peak-RSS mark if allowed; returns (baseline bytes, whether it was reset)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return _status_kb("VmRSS") * 1024, True
-  except (OSError, StopIteration):
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
-
-
 def _jax_peak_memory(mark: tuple[int, bool]) -> tuple[int, str]:
   """(bytes, source): the device's peak_bytes_in_use if reported, else host peak-RSS growth."""
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     return int(stats["peak_bytes_in_use"]), "peak_bytes_in_use"
-  base, reset = mark
-  peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return max(peak * 1024 - base, 0), "vmhwm_delta" if reset else "maxrss_delta"
+  return host_peak_since(mark)
 
 
 def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, int, int],
@@ -126,7 +109,7 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   compiled = jax.jit(attack.run).lower(state, n).compile()
   compile_s = time.perf_counter() - start
 
-  mark = _host_mark()  # host peak memory of the runs (warm-up included), not of the compile
+  mark = host_mark()  # host peak memory of the runs (warm-up included), not of the compile
 
   state, _ = jax.block_until_ready(compiled(state, n))  # warm-up
   times = []

@@ -8,7 +8,6 @@ and the [0, 1] box, one candidate at a time ("loop") or batched with `torch.func
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from typing import Any, Mapping, Sequence
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from experiments.host_memory import host_mark, host_peak_since
 from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.objectives import leaf_paths, resolve_layer_weights
 from vidleak_jax.attack.optimizers import SCHEDULES
@@ -248,28 +248,6 @@ def make_torch_attack(victim: str, jax_params: Any, clip_shape: Sequence[int], t
   return TorchAttack(model, jax_params, target_grads, labels, candidates, config, mode)
 
 
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:  # Linux only; callers fall back to ru_maxrss
-    return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def _host_mark() -> tuple[int, bool]:
-  """Resets Linux's peak-RSS mark if allowed; returns (baseline bytes, whether it was reset)."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return _status_kb("VmRSS") * 1024, True
-  except (OSError, StopIteration):
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
-
-
-def host_peak_since(mark: tuple[int, bool]) -> int:
-  """Peak RSS growth in bytes since `_host_mark()` (VmHWM after a reset, else maxrss delta)."""
-  base, reset = mark
-  peak = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return max(peak * 1024 - base, 0)
-
-
 def time_torch_attack(attack: TorchAttack, steps: int = 3, steps_per_dispatch: int = 1
                       ) -> dict[str, Any]:
   """Times `steps` groups of `steps_per_dispatch` steps after one warm-up group; one result dict."""
@@ -278,7 +256,7 @@ def time_torch_attack(attack: TorchAttack, steps: int = 3, steps_per_dispatch: i
   sync = torch.cuda.synchronize if cuda else lambda: None
   if cuda:
     torch.cuda.reset_peak_memory_stats(dev)
-  mark, times = _host_mark(), []
+  mark, times = host_mark(), []
   for _ in range(steps + 1):
     sync()
     start = time.perf_counter()
@@ -293,7 +271,7 @@ def time_torch_attack(attack: TorchAttack, steps: int = 3, steps_per_dispatch: i
       "torch_step_s": step_s, "torch_steps_per_s": 1.0 / step_s,
       "torch_candidate_steps_per_s": r / step_s, "torch_finite": bool(torch.isfinite(loss).all()),
       "torch_peak_mem_bytes": (torch.cuda.max_memory_allocated(dev) if cuda
-                               else host_peak_since(mark)),
+                               else host_peak_since(mark)[0]),
       "torch_peak_mem_source": ("cuda_max_memory_allocated" if cuda
                                 else "vmhwm_delta" if mark[1] else "maxrss_delta"),
   }
