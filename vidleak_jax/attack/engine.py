@@ -49,7 +49,10 @@ def _init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.A
 
 
 def _map_candidates(fn: Callable, batching: str, *args):
-  return jax.vmap(fn)(*args) if batching == "vmap" else jax.lax.map(lambda a: fn(*a), args)
+  """fn over the leading candidate axis; a single candidate is always vmapped (no loop)."""
+  if batching == "vmap" or jax.tree.leaves(args)[0].shape[0] == 1:
+    return jax.vmap(fn)(*args)
+  return jax.lax.map(lambda a: fn(*a), args)
 
 
 def _keep_best(state: AttackState, loss: jax.Array, candidates: jax.Array):
