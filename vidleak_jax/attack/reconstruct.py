@@ -101,15 +101,14 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   run = jax.jit(attack.run, donate_argnums=donate).lower(state, jnp.int32(0)).compile()
   compile_s = time.perf_counter() - start  # ahead of time: one executable for the whole loop
   logging.info("attack step compiled in %.1fs", compile_s)
-  chunks = []
-  done = 0
+  chunks, done, best_seen = [], 0, np.inf
   while done < config.steps:
     state, metrics = run(state, jnp.int32(config.steps - done))
     chunks.append(_fetch(metrics))
     done = min(done + config.log_every, config.steps)
+    best_seen = min(best_seen, float(np.nanmin(chunks[-1]["loss"])))
     if progress is not None:
-      seen = np.concatenate([c["loss"] for c in chunks])
-      progress(done, config.steps, {"loss": float(np.nanmin(seen))})
+      progress(done, config.steps, {"loss": best_seen})
   state = jax.jit(attack.finalize)(state)
   losses, candidates = _fetch((state.best_loss, state.best_candidates))
   best = int(np.argmin(losses))
