@@ -70,3 +70,19 @@ def test_attack_without_data_explains_which_stage_is_missing(tmp_path):
                "--stages=attack")
   assert proc.returncode != 0
   assert "data.npz" in proc.stderr and "'data' stage" in proc.stderr
+
+
+@pytest.mark.parametrize("extra, batch_size", [
+    (("--batch_size=2", "--steps=60", "--references=2"), 2),  # batch label recovery + matching
+    (("--update=fedavg", "--local_steps=2", "--metric=cosine", "--steps=60"), 1),
+])
+def test_batches_and_fedavg_updates_leak(tmp_path, extra, batch_size):
+  workdir = tmp_path / "run"
+  proc = _main("--flagfile=experiments/flags/tiny.flags", f"--workdir={workdir}", "--quiet",
+               *extra)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert len(metrics["psnr"]) == batch_size
+  assert sorted(metrics["assignment"]) == list(range(batch_size))
+  assert metrics["label_accuracy"] == 1.0
+  assert metrics["psnr_mean"] > metrics["psnr_init_mean"] + 5.0
