@@ -5,6 +5,8 @@ Stages (select with --stages): data → attack → eval, all reading/writing --w
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
 from vidleak_jax import attack, models, runner
@@ -118,7 +120,10 @@ def main(argv):
   config = config_from_flags()
   if FLAGS.coordinator_address:
     runner.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  runner.run(config, flag_values=FLAGS.flag_values_dict())
+  try:
+    runner.run(config, flag_values=FLAGS.flag_values_dict())
+  except (OSError, ValueError, KeyError) as e:  # bad inputs: files, data, shapes, names
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

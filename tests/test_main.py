@@ -70,6 +70,7 @@ def test_attack_without_data_explains_which_stage_is_missing(tmp_path):
                "--stages=attack")
   assert proc.returncode != 0
   assert "data.npz" in proc.stderr and "'data' stage" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("extra, batch_size", [
