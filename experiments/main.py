@@ -64,6 +64,8 @@ flags.DEFINE_enum("conv", _ATTACK_DEFAULTS.conv, list(attack.config.CONVS),
 flags.DEFINE_integer("log_every", _ATTACK_DEFAULTS.log_every, "Steps per dispatch / log line.",
                      lower_bound=1)
 flags.DEFINE_bool("known_labels", False, "Give the attacker the true labels (else recovered).")
+flags.DEFINE_string("gradients", None, "Attack this captured update (.npz or .safetensors, keys = "
+                    "parameter paths, see README) instead of the client's; use --stages=attack.")
 # Outputs.
 flags.DEFINE_integer("png_scale", 4, "Integer upscaling of frames in PNG/GIF outputs.",
                      lower_bound=1)
@@ -108,7 +110,7 @@ def config_from_flags() -> runner.RunConfig:
         clip_shape=_ints("clip_shape", FLAGS.clip_shape, 4), batch_size=FLAGS.batch_size,
         num_classes=FLAGS.num_classes, victim=FLAGS.victim, victim_kwargs=victim_kwargs,
         update=FLAGS.update, local_steps=FLAGS.local_steps, local_lr=FLAGS.local_lr,
-        known_labels=FLAGS.known_labels, attack=attack_config, png_scale=FLAGS.png_scale,
+        known_labels=FLAGS.known_labels, gradients=FLAGS.gradients, attack=attack_config, png_scale=FLAGS.png_scale,
         gif_fps=FLAGS.gif_fps, quiet=FLAGS.quiet)
   except (KeyError, ValueError) as e:
     raise app.UsageError(str(e).strip("'\"")) from None

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from vidleak_jax import attack, fl, metrics, models, report
 from vidleak_jax.data import sources
+from vidleak_jax.fl import captured as captured_update
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 
 STAGES = ("data", "attack", "eval")
@@ -52,6 +53,7 @@ class RunConfig:
   local_steps: int = 1
   local_lr: float = 0.1
   known_labels: bool = False
+  gradients: str | None = None  # a captured update to attack instead of the client's
   attack: attack.AttackConfig = attack.AttackConfig()
   png_scale: int = 4
   gif_fps: float = 4.0
@@ -137,20 +139,26 @@ def _progress_bar(cfg: RunConfig) -> Callable[[int, int, dict[str, float]], None
   return update
 
 
-def stage_attack(cfg: RunConfig) -> None:
-  """Client computes its update; the attacker sees only (model, params, update) and inverts it."""
-  batch = _require(cfg, "data.npz", "data")
-  clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
-  if clips.shape[1:] != tuple(cfg.clip_shape) or clips.shape[0] != cfg.batch_size:
-    raise ValueError(f"data.npz holds clips of shape {clips.shape}, but --clip_shape/--batch_size "
-                     f"ask for {(cfg.batch_size, *cfg.clip_shape)}: rerun the 'data' stage")
+def stage_attack(cfg: RunConfig, captured=None) -> None:
+  """Client computes its update (or `captured` is given); the attacker sees only (model, params,
+  update) and inverts it."""
   apply_fn, params = build_victim(cfg)
-  shared = flatten_tree(client_side(cfg, apply_fn, params, clips, labels))
-  _save(cfg, "shared_update.npz", **shared)
+  known = None
+  if captured is None:
+    batch = _require(cfg, "data.npz", "data")
+    clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
+    if clips.shape[1:] != tuple(cfg.clip_shape) or clips.shape[0] != cfg.batch_size:
+      raise ValueError(f"data.npz holds clips of shape {clips.shape}, but --clip_shape/"
+                       f"--batch_size ask for {(cfg.batch_size, *cfg.clip_shape)}: rerun the "
+                       f"'data' stage")
+    shared = flatten_tree(client_side(cfg, apply_fn, params, clips, labels))
+    _save(cfg, "shared_update.npz", **shared)
+    known = labels if cfg.known_labels else None
+  else:
+    shared = flatten_tree(captured)
 
   # --- attacker side: from here on only public information and the shared update ---
   shared = unflatten_like(params, shared, name="shared_update.npz")
-  known = labels if cfg.known_labels else None
   clip_shape = (cfg.batch_size, *cfg.clip_shape)
   rec = attack.reconstruct(_keys(cfg.seed)["attack"], apply_fn, params, shared,
                            clip_shape=clip_shape, labels=known, config=cfg.attack,
@@ -215,6 +223,9 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, 
   devices), process 0 writes the files (the workdir must be on a shared filesystem), and the
   processes wait for each other between stages.
   """
+  captured = None
+  if cfg.gradients:  # validated before anything is written
+    captured = captured_update.load_update(cfg.gradients, build_victim(cfg)[1])
   if _is_writer():
     os.makedirs(cfg.workdir, exist_ok=True)
     report.write_json(_path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
@@ -224,7 +235,10 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, 
       continue
     if stage != "eval" or _is_writer():  # eval is host-side work on the written files
       start = time.perf_counter()
-      result = {"data": stage_data, "attack": stage_attack, "eval": stage_eval}[stage](cfg)
+      if stage == "attack":
+        result = stage_attack(cfg, captured)
+      else:
+        result = {"data": stage_data, "eval": stage_eval}[stage](cfg)
       logging.info("stage %s done in %.1fs", stage, time.perf_counter() - start)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"vidleak_jax stage {stage}")
