@@ -14,16 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidleak_jax.data.checks import check_int
 from vidleak_jax.data.clips import Size, prepare
 from vidleak_jax.data.video_io import read_frames_at, video_info
 from vidleak_jax.report.atomic import PathLike
 from vidleak_jax.types import Array, PRNGKey
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  return int(value)
 
 
 def _draw(key: PRNGKey, n: int, k: int) -> np.ndarray:
@@ -44,12 +39,12 @@ def reference_indices(
   (inclusive, clamped to the video); the k indices are drawn uniformly without replacement
   from the remaining frames of the video. ValueError if fewer than k frames remain.
   """
-  num_frames = _check_int("num_frames", num_frames, 1)
-  clip_start = _check_int("clip_start", clip_start, 0)
-  clip_frames = _check_int("clip_frames", clip_frames, 1)
-  stride = _check_int("stride", stride, 1)
-  k = _check_int("k", k, 0)
-  margin = _check_int("margin", margin, 0)
+  num_frames = check_int("num_frames", num_frames, 1)
+  clip_start = check_int("clip_start", clip_start, 0)
+  clip_frames = check_int("clip_frames", clip_frames, 1)
+  stride = check_int("stride", stride, 1)
+  k = check_int("k", k, 0)
+  margin = check_int("margin", margin, 0)
   clip_end = clip_start + (clip_frames - 1) * stride
   if clip_end >= num_frames:
     raise ValueError(f"attacked clip frames {clip_start}..{clip_end} (clip_frames={clip_frames},"
@@ -89,7 +84,7 @@ def same_scene_reference_frames(
   in frame order within a video. Videos of different sizes need `size` (resized by
   `clips.prepare`). ValueError if the videos hold fewer than k frames in total.
   """
-  k = _check_int("k", k, 0)
+  k = check_int("k", k, 0)
   paths = [os.fspath(p) for p in paths]
   infos = [video_info(p) for p in paths]
   counts = np.array([info.num_frames for info in infos], np.int64)

@@ -15,7 +15,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 

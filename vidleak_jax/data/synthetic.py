@@ -7,13 +7,12 @@ coordinates (x to the right, y down), so K=4 gives right/down/left/up.
 from __future__ import annotations
 
 import math
-import operator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidleak_jax.data.checks import check_int
 from vidleak_jax.types import Array, PRNGKey
 
 _ENV_LO, _ENV_HI = 0.05, 0.95
@@ -21,22 +20,9 @@ _NUM_RECTS = 4
 _CONTRAST = 0.3  # minimum per-channel distance between object colour and the local background mean
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-  """`value` as an int; raises ValueError naming `name` unless it is an integer >= minimum."""
-  if isinstance(value, bool):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  try:
-    ivalue = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-  if ivalue < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {ivalue}")
-  return ivalue
-
-
 def class_directions(num_classes: int) -> Array:
   """Unit motion direction (dx, dy) of each label, image coordinates with y down: float32[K, 2]."""
-  num_classes = _check_int("num_classes", num_classes, 2)
+  num_classes = check_int("num_classes", num_classes, 2)
   angles = 2.0 * np.pi * np.arange(num_classes) / num_classes
   dirs = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
   dirs[np.abs(dirs) < 1e-6] = 0.0  # exact axis-aligned directions for K divisible by 4
@@ -95,9 +81,9 @@ def _env_specs(channels: int) -> _Specs:
 
 def environment(key: PRNGKey, height: int, width: int, channels: int) -> Array:
   """Static textured camera background in [0.05, 0.95]: float32[H, W, C]."""
-  height = _check_int("height", height, 1)
-  width = _check_int("width", width, 1)
-  channels = _check_int("channels", channels, 1)
+  height = check_int("height", height, 1)
+  width = check_int("width", width, 1)
+  channels = check_int("channels", channels, 1)
   low, high = _param_bounds(_env_specs(channels))
   return _render_environment(jax.random.uniform(key, low.shape, minval=low, maxval=high), height,
                              width, channels)
@@ -211,12 +197,12 @@ def synthetic_clips(
   `background` (float32[H, W, C]) replaces the randomly drawn environment; `object_size` fixes the
   object's diameter in pixels (default: drawn per clip in [0.2, 0.35] * min(H, W)).
   """
-  num_clips = _check_int("num_clips", num_clips, 1)
-  frames = _check_int("frames", frames, 1)
-  height = _check_int("height", height, 1)
-  width = _check_int("width", width, 1)
-  channels = _check_int("channels", channels, 1)
-  num_classes = _check_int("num_classes", num_classes, 2)
+  num_clips = check_int("num_clips", num_clips, 1)
+  frames = check_int("frames", frames, 1)
+  height = check_int("height", height, 1)
+  width = check_int("width", width, 1)
+  channels = check_int("channels", channels, 1)
+  num_classes = check_int("num_classes", num_classes, 2)
   if object_size is not None:
     try:
       size = float(object_size)

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import imageio_ffmpeg
 import numpy as np
 
+from vidleak_jax.data.checks import check_int
 from vidleak_jax.report.atomic import PathLike, _fsync_dir, write_bytes
 from vidleak_jax.report.frames import encode_gif, to_rgb, to_uint8
 
@@ -129,12 +130,6 @@ def _decode(path: str, select: str, count: int | None, hw: tuple[int, int]) -> n
   return np.stack(frames)
 
 
-def _int_at_least(name: str, value: Any, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-  return int(value)
-
-
 def read_frames(
     path: PathLike, *, start: int = 0, stride: int = 1, count: int | None = None
 ) -> np.ndarray:
@@ -145,9 +140,9 @@ def read_frames(
   fewer frames than requested (count given) or none at index `start` (count=None).
   """
   path = os.fspath(path)
-  start = _int_at_least("start", start, 0)
-  stride = _int_at_least("stride", stride, 1)
-  count = None if count is None else _int_at_least("count", count, 0)
+  start = check_int("start", start, 0)
+  stride = check_int("stride", stride, 1)
+  count = None if count is None else check_int("count", count, 0)
   height, width, _ = _probe(path)
   if count == 0:
     return np.zeros((0, height, width, 3), np.uint8)
