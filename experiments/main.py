@@ -54,8 +54,8 @@ flags.DEFINE_float("tv_spatial", 1e-2, "Weight of the spatial total-variation pr
 flags.DEFINE_float("tv_temporal", 1e-2, "Weight of the temporal total-variation prior.",
                    lower_bound=0.0)
 flags.DEFINE_bool("box", True, "Project candidates to [0, 1] after every step.")
-flags.DEFINE_enum("init", _ATTACK_DEFAULTS.init, ["uniform", "gaussian", "gray"],
-                  "Candidate initialisation.")
+flags.DEFINE_enum("init", _ATTACK_DEFAULTS.init, list(attack.config.INITS),
+                  "Candidate initialisation (reference: median of the --references frames).")
 flags.DEFINE_enum("batching", _ATTACK_DEFAULTS.batching, list(attack.config.BATCHING),
                   "How restarts are batched in the jitted step (auto: map on CPU, vmap on "
                   "GPU/TPU).")

@@ -10,6 +10,7 @@ import pytest
 import vidleak_jax as vl
 from tests.conftest import tiny_batch, tiny_victim
 from vidleak_jax.attack.labels import counts_from_bias_grad
+from vidleak_jax.data import sources
 
 
 def _target(name="frame_cnn", batch_size=1):
@@ -141,3 +142,24 @@ def test_bad_inputs_are_rejected_with_clear_errors():
     vl.attack.AttackConfig(optimizer="adamw")
   with pytest.raises(ValueError, match="steps"):
     vl.attack.AttackConfig(steps=-1)
+
+
+def test_reference_frames_of_the_camera_improve_the_reconstruction():
+  spec = sources.ClipSpec(frames=4, height=16, width=16, channels=3)
+  batch = sources.load_client_batch(jax.random.key(0), "synthetic", batch_size=1,
+                                            spec=spec, num_classes=4, num_references=3)
+  apply_fn, params = tiny_victim("c3d")
+  target = vl.fl.client_update(apply_fn, params, batch.clips, batch.labels)
+  psnr = {}
+  for init in ("uniform", "reference"):
+    config = vl.attack.AttackConfig(steps=30, optimizer="lbfgs", metric="l2", schedule="constant",
+                                    priors={}, log_every=10, init=init)
+    rec = vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target,
+                                clip_shape=batch.clips.shape, config=config,
+                                references=batch.references)
+    psnr[init] = float(vl.metrics.psnr(rec.clips, batch.clips)[0])
+  assert psnr["reference"] > psnr["uniform"] + 5.0, psnr
+  with pytest.raises(ValueError, match="references"):
+    vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target,
+                          clip_shape=batch.clips.shape,
+                          config=vl.attack.AttackConfig(init="reference"))

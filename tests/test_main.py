@@ -87,3 +87,15 @@ def test_batches_and_fedavg_updates_leak(tmp_path, extra, batch_size):
   assert sorted(metrics["assignment"]) == list(range(batch_size))
   assert metrics["label_accuracy"] == 1.0
   assert metrics["psnr_mean"] > metrics["psnr_init_mean"] + 5.0
+
+
+def test_reference_initialisation_from_the_attackers_frames(tmp_path):
+  proc = _main("--flagfile=experiments/flags/tiny.flags", f"--workdir={tmp_path / 'ref'}",
+               "--quiet", "--references=3", "--init=reference")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+  assert metrics["psnr_init_mean"] > 15.0  # starts from the camera's background, not noise
+  proc = _main("--flagfile=experiments/flags/tiny.flags", f"--workdir={tmp_path / 'none'}",
+               "--quiet", "--init=reference")
+  assert proc.returncode != 0 and "--references" in proc.stderr
+  assert "Traceback" not in proc.stderr

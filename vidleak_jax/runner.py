@@ -160,9 +160,15 @@ def stage_attack(cfg: RunConfig, captured=None) -> None:
   # --- attacker side: from here on only public information and the shared update ---
   shared = unflatten_like(params, shared, name="shared_update.npz")
   clip_shape = (cfg.batch_size, *cfg.clip_shape)
+  references = None
+  if cfg.attack.init == "reference":
+    references = _require(cfg, "references.npz", "data")["frames"]
+    if len(references) == 0:
+      raise ValueError("--init=reference needs reference frames: rerun the 'data' stage with "
+                       "--references=k (k >= 1)")
   rec = attack.reconstruct(_keys(cfg.seed)["attack"], apply_fn, params, shared,
                            clip_shape=clip_shape, labels=known, config=cfg.attack,
-                           progress=_progress_bar(cfg))
+                           progress=_progress_bar(cfg), references=references)
   _save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
                   labels=np.asarray(rec.labels), loss=np.asarray(rec.loss),
                   restart_losses=rec.restart_losses, init_clips=rec.init_clips,

@@ -13,7 +13,7 @@ from vidleak_jax.attack.priors import PRIORS
 
 BATCHING = ("auto", "vmap", "map")
 CONVS = ("auto", "xla", "im2col")
-INITS = ("uniform", "gaussian", "gray")
+INITS = ("uniform", "gaussian", "gray", "reference")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,8 @@ class AttackConfig:
   `vidleak_jax.models.layers`); "auto" = "im2col", which keeps per-candidate weight gradients
   as batched matmuls instead of grouped convolutions. Same function either way.
   log_every: steps per jitted dispatch (a `lax.scan`); also the progress/logging interval.
+  init: "uniform" | "gaussian" | "gray" noise, or "reference": the per-pixel median of the attacker's
+  reference frames of the same camera (plus a little noise per restart); needs `references`.
   """
 
   metric: str = "cosine"

@@ -40,12 +40,17 @@ class Attack(NamedTuple):
   finalize: Callable[[AttackState], AttackState]
 
 
-def _init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str) -> jax.Array:
+def _init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str,
+                     references: jax.Array | None) -> jax.Array:
+  """Initial candidates [R,B,T,H,W,C]; "reference" starts from the references' median frame."""
   if kind == "uniform":
     return jax.random.uniform(key, shape, jnp.float32)
   if kind == "gaussian":
     return jnp.clip(0.5 + 0.25 * jax.random.normal(key, shape, jnp.float32), 0.0, 1.0)
-  return 0.5 + 0.01 * jax.random.normal(key, shape, jnp.float32)  # "gray"
+  noise = 0.01 * jax.random.normal(key, shape, jnp.float32)
+  if kind == "reference":  # the static background of the camera, broadcast over R, B and T
+    return jnp.clip(jnp.median(references, axis=0) + noise, 0.0, 1.0)
+  return 0.5 + noise  # "gray"
 
 
 def _map_candidates(fn: Callable, batching: str, *args):
@@ -64,8 +69,18 @@ def _keep_best(state: AttackState, loss: jax.Array, candidates: jax.Array):
 
 
 def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: Labels,
-                clip_shape: tuple[int, ...], config: AttackConfig) -> Attack:
-  """Builds the attack for clips of `clip_shape` (B,T,H,W,C) with known/recovered `labels` [B]."""
+                clip_shape: tuple[int, ...], config: AttackConfig, *,
+                references: jax.Array | None = None) -> Attack:
+  """Builds the attack for clips of `clip_shape` (B,T,H,W,C) with known/recovered `labels` [B].
+
+  `references` [k,H,W,C]: the attacker's frames of the same camera (used by init="reference").
+  """
+  if config.init == "reference":
+    expected = (*clip_shape[2:],)
+    if references is None or references.ndim != 4 or references.shape[0] < 1 or (
+        tuple(references.shape[1:]) != expected):
+      raise ValueError(f"init='reference' needs references [k>=1, {', '.join(map(str, expected))}]"
+                       f", got {None if references is None else tuple(references.shape)}")
   opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
   priors = [(PRIORS.get(name), w) for name, w in sorted(config.priors.items()) if w > 0]
   batching, conv = resolve_batching(config.batching), resolve_conv(config.conv)
@@ -81,7 +96,7 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
 
   def init(key: jax.Array) -> AttackState:
     shape = (config.restarts, *clip_shape)
-    candidates = _init_candidates(key, shape, config.init)
+    candidates = _init_candidates(key, shape, config.init, references)
     opt_state = _map_candidates(opt.init, batching, candidates)
     return AttackState(candidates, opt_state, jnp.zeros((), jnp.int32),
                        jnp.full((config.restarts,), jnp.inf, jnp.float32), candidates)

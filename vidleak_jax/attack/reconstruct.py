@@ -72,13 +72,15 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
                 clip_shape: tuple[int, ...], labels: jax.Array | None = None,
                 config: AttackConfig = AttackConfig(),
                 progress: ProgressFn | None = None,
-                mesh: jax.sharding.Mesh | None | str = "auto") -> Reconstruction:
+                mesh: jax.sharding.Mesh | None | str = "auto",
+                references: jax.Array | None = None) -> Reconstruction:
   """Optimises R candidate batches of clips [B,T,H,W,C] whose gradient matches `target_grads`.
 
   `labels=None` recovers the labels analytically from the last layer's gradient. The attack step
   is jitted once; `config.log_every` steps run per dispatch, then `progress` is called.
   `mesh`: restarts are split over its devices; "auto" uses all devices when R divides evenly
-  (see `candidate_mesh`), None keeps everything on the default device.
+  (see `candidate_mesh`), None keeps everything on the default device. `references` [k,H,W,C]
+  are the attacker's frames of the same camera (for `config.init="reference"`).
   """
   clip_shape = validate_clip_shape(apply_fn, params, clip_shape)
   validate_target_grads(params, target_grads)
@@ -89,7 +91,8 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   if labels.shape[0] != clip_shape[0]:
     raise ValueError(f"labels must have B={clip_shape[0]} entries, got shape {labels.shape}")
 
-  attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config)
+  attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config,
+                       references=None if references is None else jnp.asarray(references))
   state: AttackState = jax.jit(attack.init)(init_key)
   init_candidates = np.asarray(state.candidates)  # host copy: the state's buffers get donated
   if mesh == "auto":
