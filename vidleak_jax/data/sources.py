@@ -144,13 +144,18 @@ def _from_videos(key, paths, labels, batch_size, spec, num_references) -> Client
   if len(clips) < batch_size:
     raise ValueError(f"only {len(clips)} distinct clip(s) fit in the readable videos, "
                      f"--batch_size asks for {batch_size}")
-  refs = _references(key, taken, spec, num_references)
+  counts = {path: num_frames for path, _, num_frames in readable}
+  refs = _references(key, taken, spec, num_references, counts)
   return ClientBatch(np.stack(clips), np.asarray(out_labels, np.int32), refs,
                      [f"{p}@{s}" for p, s in taken])
 
 
-def _references(key, taken, spec: ClipSpec, k: int) -> np.ndarray:
-  """k frames of the batch's videos (round-robin) outside every attacked span of that video."""
+def _references(key, taken, spec: ClipSpec, k: int,
+                frame_counts: dict[str, int] | None = None) -> np.ndarray:
+  """k frames of the batch's videos (round-robin) outside every attacked span of that video.
+
+  `frame_counts` (path -> frames) saves a decoding pass per video when already known.
+  """
   if k == 0:
     return np.zeros((0, spec.height, spec.width, spec.channels), np.float32)
   videos = list(dict.fromkeys(p for p, _ in taken))
@@ -159,7 +164,8 @@ def _references(key, taken, spec: ClipSpec, k: int) -> np.ndarray:
   for vkey, path, share in zip(jax.random.split(key, len(videos)), videos, shares):
     if share == 0:
       continue
-    free = np.ones(video_io.video_info(path).num_frames, bool)
+    num_frames = (frame_counts or {}).get(path) or video_io.video_info(path).num_frames
+    free = np.ones(num_frames, bool)
     for p, start in taken:
       if p == path:
         free[start:start + (spec.frames - 1) * spec.stride + 1] = False
