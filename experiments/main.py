@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import sweep
 from vidleak_jax import attack, models, runner
 
 _ATTACK_DEFAULTS = attack.AttackConfig()
@@ -75,6 +76,10 @@ flags.DEFINE_bool("quiet", False, "No progress bar (batch jobs).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0; enables multi-host.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).", lower_bound=0)
+# Sweeps: every point of a JSON grid in <workdir>/<point_id> (README: Sweeps).
+flags.DEFINE_string("sweep", None, "Sweep file (JSON grid of flag values) to run point by point.")
+flags.DEFINE_string("sweep_shard", None, "i/n: run share i of n of the sweep's sorted points "
+                    "(default: --process_id/--num_processes, else all).")
 
 
 def _ints(name: str, values, count: int) -> tuple[int, ...]:
@@ -119,6 +124,8 @@ def config_from_flags() -> runner.RunConfig:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  if FLAGS.sweep:  # each point runs single-process here; hosts split points (--sweep_shard)
+    return sweep.main(FLAGS, config_from_flags, sweep.entry_point_flags(FLAGS, __name__))
   config = config_from_flags()
   if FLAGS.coordinator_address:
     runner.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

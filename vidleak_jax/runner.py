@@ -8,6 +8,7 @@ Files in the workdir (all written atomically):
   reconstruction.npz    the attacker's output (clips, labels, objective history, initial guess)
   metrics.json          PSNR / SSIM per clip and per frame, label accuracy (ground truth enters here)
   truth.png, reconstruction.png, comparison.gif
+  report.html           everything above in one self-contained page (after eval)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from vidleak_jax import attack, fl, metrics, models, report
 from vidleak_jax.data import sources
 from vidleak_jax.fl import captured as captured_update
+from vidleak_jax.report import html as html_report
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 
 STAGES = ("data", "attack", "eval")
@@ -248,4 +250,6 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, 
       logging.info("stage %s done in %.1fs", stage, time.perf_counter() - start)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"vidleak_jax stage {stage}")
+  if "eval" in cfg.stages and _is_writer():
+    logging.info("report: %s", html_report.write_run_report(cfg.workdir))
   return result
