@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import feature_flags  # --pipeline=features and its flags
 from experiments import sweep
 from vidleak_jax import attack, models, runner
 
@@ -64,6 +65,17 @@ flags.DEFINE_enum("conv", _ATTACK_DEFAULTS.conv, list(attack.config.CONVS),
                   "Victim convolution kernels while attacking (auto: im2col).")
 flags.DEFINE_integer("log_every", _ATTACK_DEFAULTS.log_every, "Steps per dispatch / log line.",
                      lower_bound=1)
+flags.DEFINE_enum("param", _ATTACK_DEFAULTS.param, attack.PARAMETRIZATIONS.names(),
+                  "What the attack optimises: the clip (direct) or a residual on the median of the "
+                  "--references frames (background_residual; 0 references = direct).")
+flags.DEFINE_float("residual_l1", 0.0, "Weight of mean |residual| (background_residual).",
+                   lower_bound=0.0)
+flags.DEFINE_float("residual_l2", 0.0, "Weight of mean residual^2 (background_residual).",
+                   lower_bound=0.0)
+flags.DEFINE_float("residual_tv", 0.0, "Weight of the residual's spatial TV "
+                   "(background_residual).", lower_bound=0.0)
+flags.DEFINE_enum("attack_scale", "1", ["1", "2", "4"], "Candidates live at H/s x W/s and are "
+                  "upsampled bicubically to the victim's size.")
 flags.DEFINE_bool("known_labels", False, "Give the attacker the true labels (else recovered).")
 flags.DEFINE_string("gradients", None, "Attack this captured update (.npz or .safetensors, keys = "
                     "parameter paths, see README) instead of the client's; use --stages=attack.")
@@ -107,7 +119,9 @@ def config_from_flags() -> runner.RunConfig:
         metric=FLAGS.metric, optimizer=FLAGS.optimizer, lr=FLAGS.lr, schedule=FLAGS.schedule,
         steps=FLAGS.steps, restarts=FLAGS.restarts, box=FLAGS.box, init=FLAGS.init,
         priors={"tv_spatial": FLAGS.tv_spatial, "tv_temporal": FLAGS.tv_temporal},
-        batching=FLAGS.batching, conv=FLAGS.conv, log_every=FLAGS.log_every)
+        batching=FLAGS.batching, conv=FLAGS.conv, log_every=FLAGS.log_every,
+        param=FLAGS.param, residual_l1=FLAGS.residual_l1, residual_l2=FLAGS.residual_l2,
+        residual_tv=FLAGS.residual_tv, attack_scale=int(FLAGS.attack_scale))
     return runner.RunConfig(
         workdir=FLAGS.workdir, stages=tuple(FLAGS.stages), seed=FLAGS.seed, data=FLAGS.data,
         frame_stride=FLAGS.frame_stride, references=FLAGS.references, tfds_dir=FLAGS.tfds_dir,
@@ -116,7 +130,7 @@ def config_from_flags() -> runner.RunConfig:
         num_classes=FLAGS.num_classes, victim=FLAGS.victim, victim_kwargs=victim_kwargs,
         update=FLAGS.update, local_steps=FLAGS.local_steps, local_lr=FLAGS.local_lr,
         known_labels=FLAGS.known_labels, gradients=FLAGS.gradients, attack=attack_config, png_scale=FLAGS.png_scale,
-        gif_fps=FLAGS.gif_fps, quiet=FLAGS.quiet)
+        gif_fps=FLAGS.gif_fps, quiet=FLAGS.quiet, **feature_flags.run_config_kwargs())
   except (KeyError, ValueError) as e:
     raise app.UsageError(str(e).strip("'\"")) from None
 
@@ -133,6 +147,8 @@ def main(argv):
     runner.run(config, flag_values=FLAGS.flag_values_dict())
   except (OSError, ValueError, KeyError) as e:  # bad inputs: files, data, shapes, names
     sys.exit(f"error: {e}")
+  except attack.AttackInterrupted as e:  # SIGTERM: progress saved, rerun to resume
+    sys.exit(f"stopped: {e}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,13 @@ Files in the workdir (all written atomically):
   data.npz              the client's private batch: clips [B,T,H,W,C] float32, labels [B], origins
   references.npz        attacker-side reference frames [k,H,W,C] of the same camera (may be k=0)
   shared_update.npz     what the client shares (gradient leaves keyed by parameter path)
-  reconstruction.npz    the attacker's output (clips, labels, objective history, initial guess)
-  metrics.json          PSNR / SSIM per clip and per frame, label accuracy (ground truth enters here)
+  reconstruction.npz    the attacker's output (clips, labels, objective history, initial guess,
+                        snapshots of the best clips so far for the curve)
+  metrics.jsonl, tb/    one log point per dispatch (see `logging_io`)
+  checkpoints/          the attack's progress while it runs (see `attack.checkpoint`); a rerun
+                        resumes from it; removed once reconstruction.npz is written
+  metrics.json          PSNR / SSIM per clip and per frame, label accuracy, curve (PSNR and
+                        objective per snapshot; ground truth enters here)
   truth.png, reconstruction.png, comparison.gif
   report.html           everything above in one self-contained page (after eval)
 """
@@ -16,22 +21,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+import shutil
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
-from vidleak_jax import attack, fl, metrics, models, report
+from vidleak_jax import attack, features_pipeline, fl, logging_io, metrics, models, report
+from vidleak_jax.attack import checkpoint
 from vidleak_jax.data import sources
 from vidleak_jax.fl import captured as captured_update
 from vidleak_jax.report import html as html_report
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 
-STAGES = ("data", "attack", "eval")
+STAGES = ("pretrain", "data", "attack", "eval")  # pretrain: feature pipeline only
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +66,9 @@ class RunConfig:
   png_scale: int = 4
   gif_fps: float = 4.0
   quiet: bool = False
+  checkpoint_every: int = 1  # dispatches (of attack.log_every steps) between checkpoints
+  pipeline: str = "frames"  # or "features": frozen extractor + trained head
+  features: features_pipeline.FeatureConfig = features_pipeline.FeatureConfig()
 
   def __post_init__(self):
     unknown = [s for s in self.stages if s not in STAGES]
@@ -71,8 +80,12 @@ class RunConfig:
     sources.parse_data_spec(self.data)
     if self.frame_stride < 1 or self.references < 0:
       raise ValueError("--frame_stride must be >= 1 and --references >= 0")
+    if self.checkpoint_every < 1:
+      raise ValueError(f"--checkpoint_every must be >= 1 (dispatches), got {self.checkpoint_every}")
     if self.update not in ("fedsgd", "fedavg"):
       raise ValueError(f"--update must be fedsgd or fedavg, got {self.update!r}")
+    if self.pipeline not in features_pipeline.PIPELINES:
+      raise ValueError(f"--pipeline must be frames or features, got {self.pipeline!r}")
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
@@ -94,6 +107,8 @@ def _require(cfg: RunConfig, name: str, stage: str) -> dict[str, np.ndarray]:
 
 def build_victim(cfg: RunConfig):
   """(apply_fn, params) of the victim model, initialised from the run's seed."""
+  if cfg.pipeline == "features":
+    return features_pipeline.build_victim(cfg)[:2]
   t, h, w, c = cfg.clip_shape
   module = models.create(cfg.victim, _keys(cfg.seed)["victim"], frames=t, height=h, width=w,
                          channels=c, num_classes=cfg.num_classes, **cfg.victim_kwargs)
@@ -123,27 +138,11 @@ def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
       apply_fn, params, clips, labels, local_steps=cfg.local_steps, learning_rate=cfg.local_lr)
 
 
-def _progress_bar(cfg: RunConfig) -> Callable[[int, int, dict[str, float]], None]:
-  bar = tqdm(total=cfg.attack.steps, desc="attack", unit="step", disable=cfg.quiet,
-             dynamic_ncols=True)
-  start = time.perf_counter()
-
-  def update(done: int, total: int, info: dict[str, float]) -> None:
-    bar.update(done - bar.n)
-    bar.set_postfix(loss=f"{info['loss']:.4g}")
-    elapsed = time.perf_counter() - start
-    eta = elapsed / done * (total - done)
-    logging.log_every_n_seconds(logging.INFO, "attack step %d/%d  loss %.5g  eta %.0fs", 10,
-                                done, total, info["loss"], eta)
-    if done >= total:
-      bar.close()
-
-  return update
-
-
 def stage_attack(cfg: RunConfig, captured=None) -> None:
   """Client computes its update (or `captured` is given); the attacker sees only (model, params,
   update) and inverts it."""
+  if cfg.pipeline == "features":
+    return features_pipeline.stage_attack(cfg, captured)
   apply_fn, params = build_victim(cfg)
   known = None
   if captured is None:
@@ -163,19 +162,27 @@ def stage_attack(cfg: RunConfig, captured=None) -> None:
   shared = unflatten_like(params, shared, name="shared_update.npz")
   clip_shape = (cfg.batch_size, *cfg.clip_shape)
   references = None
-  if cfg.attack.init == "reference":
+  if cfg.attack.init == "reference" or cfg.attack.param == "background_residual":
     references = _require(cfg, "references.npz", "data")["frames"]
-    if len(references) == 0:
+    if len(references) == 0 and cfg.attack.init == "reference":
       raise ValueError("--init=reference needs reference frames: rerun the 'data' stage with "
                        "--references=k (k >= 1)")
-  rec = attack.reconstruct(_keys(cfg.seed)["attack"], apply_fn, params, shared,
-                           clip_shape=clip_shape, labels=known, config=cfg.attack,
-                           progress=_progress_bar(cfg), references=references)
+  checkpoints = _path(cfg, "checkpoints")
+  with checkpoint.stop_on_sigterm() as stop, logging_io.AttackLog(
+      cfg.workdir, quiet=cfg.quiet, write=_is_writer()) as log:
+    rec = attack.reconstruct(_keys(cfg.seed)["attack"], apply_fn, params, shared,
+                             clip_shape=clip_shape, labels=known, config=cfg.attack,
+                             progress=log, references=references, checkpoint_dir=checkpoints,
+                             checkpoint_every=cfg.checkpoint_every, should_stop=stop.is_set)
   _save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
+                  clips_lowres=rec.clips_lowres,
                   labels=np.asarray(rec.labels), loss=np.asarray(rec.loss),
                   restart_losses=rec.restart_losses, init_clips=rec.init_clips,
-                  compile_s=np.asarray(rec.compile_s),
+                  compile_s=np.asarray(rec.compile_s), snapshot_steps=rec.snapshot_steps,
+                  snapshot_objectives=rec.snapshot_objectives, snapshots=rec.snapshots,
                   **{f"history_{k}": v for k, v in rec.history.items()})
+  if _is_writer():  # the outputs are written: the progress they hold is no longer needed
+    shutil.rmtree(checkpoints, ignore_errors=True)
   logging.info("attack: objective %.5g (best of %d restarts), labels %s", rec.loss,
                cfg.attack.restarts, np.asarray(rec.labels).tolist())
 
@@ -191,6 +198,13 @@ def stage_eval(cfg: RunConfig) -> dict[str, Any]:
   result.update(psnr_init=[float(v) for v in init_psnr], psnr_init_mean=float(init_psnr.mean()),
                 attack_loss=float(rec["loss"]), steps=int(rec["history_loss"].shape[0]),
                 compile_s=float(rec["compile_s"]))
+  snapshots = rec["snapshots"][:, perm]  # [S,B,T,H,W,C], matched like the final clips
+  curve_psnr = metrics.psnr(snapshots.reshape(-1, *snapshots.shape[2:]),
+                            np.concatenate([truth["clips"]] * len(snapshots)))
+  result["curve"] = {"step": rec["snapshot_steps"], "objective": rec["snapshot_objectives"],
+                     "psnr": np.asarray(curve_psnr).reshape(len(snapshots), -1).mean(axis=1)}
+  if cfg.pipeline == "features":
+    result.update(features_pipeline.feature_metrics(cfg, rec, truth, perm))
   report.write_json(_path(cfg, "metrics.json"), result)
   matched = rec["clips"][perm]
   report.save_png(_path(cfg, "truth.png"), report.frame_grid(truth["clips"], scale=cfg.png_scale))
@@ -246,7 +260,8 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, 
       if stage == "attack":
         result = stage_attack(cfg, captured)
       else:
-        result = {"data": stage_data, "eval": stage_eval}[stage](cfg)
+        result = {"pretrain": features_pipeline.stage_pretrain, "data": stage_data,
+                  "eval": stage_eval}[stage](cfg)
       logging.info("stage %s done in %.1fs", stage, time.perf_counter() - start)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"vidleak_jax stage {stage}")

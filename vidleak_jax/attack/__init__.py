@@ -1,15 +1,17 @@
 """Gradient-inversion attacks on video classifiers."""
 
-from vidleak_jax.attack import sharding
+from vidleak_jax.attack import checkpoint, sharding
+from vidleak_jax.attack.checkpoint import AttackInterrupted
 from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.engine import Attack, AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
 from vidleak_jax.attack.objectives import DISTANCES, gradient_matching_loss
 from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
+from vidleak_jax.attack.parametrize import PARAMETRIZATIONS
 from vidleak_jax.attack.priors import PRIORS
 from vidleak_jax.attack.reconstruct import Reconstruction, reconstruct
 
 __all__ = [
-    "Attack", "AttackConfig", "AttackState", "DISTANCES", "OPTIMIZERS", "PRIORS", "Reconstruction",
-    "SCHEDULES", "gradient_matching_loss", "sharding", "make_attack", "reconstruct", "recover_labels",
+    "Attack", "AttackConfig", "AttackInterrupted", "AttackState", "DISTANCES", "OPTIMIZERS", "PARAMETRIZATIONS", "PRIORS",
+    "Reconstruction", "SCHEDULES", "checkpoint", "gradient_matching_loss", "sharding", "make_attack", "reconstruct", "recover_labels",
 ]

@@ -9,6 +9,7 @@ import jax
 
 from vidleak_jax.attack.objectives import DISTANCES
 from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
+from vidleak_jax.attack.parametrize import ATTACK_SCALES, PARAMETRIZATIONS
 from vidleak_jax.attack.priors import PRIORS
 
 BATCHING = ("auto", "vmap", "map")
@@ -31,6 +32,10 @@ class AttackConfig:
   log_every: steps per jitted dispatch (a `lax.scan`); also the progress/logging interval.
   init: "uniform" | "gaussian" | "gray" noise, or "reference": the per-pixel median of the attacker's
   reference frames of the same camera (plus a little noise per restart); needs `references`.
+  param: "direct" | "background_residual" (clip = references' median + residual, see
+  `vidleak_jax.attack.parametrize`); residual_l1 / residual_l2 / residual_tv weigh the residual's
+  mean |r|, mean r^2 and spatial TV in the objective.
+  attack_scale: candidates live at (H/s, W/s) and are upsampled bicubically to the victim's size.
   """
 
   metric: str = "cosine"
@@ -47,6 +52,11 @@ class AttackConfig:
   batching: str = "auto"
   conv: str = "auto"
   log_every: int = 25
+  param: str = "direct"
+  residual_l1: float = 0.0
+  residual_l2: float = 0.0
+  residual_tv: float = 0.0
+  attack_scale: int = 1
 
   def __post_init__(self):
     DISTANCES.get(self.metric)
@@ -59,6 +69,12 @@ class AttackConfig:
     for field, valid in (("batching", BATCHING), ("conv", CONVS), ("init", INITS)):
       if getattr(self, field) not in valid:
         raise KeyError(f"unknown {field} {getattr(self, field)!r}; valid: {', '.join(valid)}")
+    PARAMETRIZATIONS.get(self.param)
+    for field in ("residual_l1", "residual_l2", "residual_tv"):
+      if not getattr(self, field) >= 0:
+        raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+    if self.attack_scale not in ATTACK_SCALES:
+      raise ValueError(f"attack_scale must be one of {ATTACK_SCALES}, got {self.attack_scale!r}")
     for field in ("steps", "restarts", "log_every"):
       if getattr(self, field) < 1:
         raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
