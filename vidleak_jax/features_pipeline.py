@@ -65,6 +65,16 @@ class FeatureConfig:
                        f"{self.extractor}")
 
 
+def validate(cfg) -> None:
+  """Checks the pipeline settings of a run config that only make sense together."""
+  if cfg.pipeline not in PIPELINES:
+    raise ValueError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {cfg.pipeline!r}")
+  if cfg.pipeline == "features" and cfg.features.attack == "analytic" and (
+      cfg.batch_size != 1 or not cfg.features.head.startswith(("linear", "mlp"))):
+    raise ValueError(f"--feature_attack=analytic needs --batch_size=1 and a linear/mlp head, got "
+                     f"--batch_size={cfg.batch_size} --head={cfg.features.head}")
+
+
 class FeatureVictim(NamedTuple):
   """apply_fn(params, clips) -> logits; head_apply(params, features); extract(clips) -> [B,T,D]."""
 
@@ -166,12 +176,9 @@ def _init_clips(references: np.ndarray | None, clip_shape) -> np.ndarray:
 
 def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips) -> tuple[Any, Any]:
   """Recovered features [B,T,D] and their stage-1 objective history."""
-  fc, (b, t) = cfg.features, (cfg.batch_size, cfg.clip_shape[0])
-  if fc.attack == "analytic":
+  fc, t = cfg.features, cfg.clip_shape[0]
+  if fc.attack == "analytic":  # B = 1 and an MLPHead (`validate`)
     head = victim.head
-    if not isinstance(head, heads.MLPHead) or b != 1:
-      raise ValueError(f"--feature_attack=analytic needs --batch_size=1 and a linear/mlp head, "
-                       f"got B={b}, --head={fc.head}")
     layer = "fc1" if head.depth else "head"
     x = feature_attack.analytic_first_layer(shared, layer)
     return feature_attack.features_from_input(x, t, head.dim, head.pooling), np.zeros((0,))

@@ -68,7 +68,7 @@ def assign_torch_state(module: nnx.Module, state: dict[str, np.ndarray], *,
   Every variable must be present with the right shape and no tensor may be left over; otherwise
   one ValueError lists the first missing keys, unexpected keys and wrong shapes.
   """
-  variables = nnx.to_flat_state(nnx.state(module, nnx.Param, nnx.BatchStat))
+  variables = nnx.to_flat_state(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat)))
   expected = {_torch_key(path): (path, var) for path, var in variables}
   given = {k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
   missing = [k for k in expected if k not in given]
