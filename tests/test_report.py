@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   cfg = runner.RunConfig(
       workdir=workdir, clip_shape=(4, 8, 8, 3), quiet=True,
-      attack=attack.AttackConfig(optimizer="lbfgs", metric="l2", schedule="constant", steps=4,
+      attack=attack.AttackConfig(optimizer="adam", metric="l2", schedule="constant", steps=4,
                                  log_every=2, priors={}))
   runner.run(cfg)
   return workdir

@@ -47,7 +47,8 @@ def test_odd_and_long_values_get_safe_distinct_ids():
   hashed = [pid for pid in ids if "~" in pid]
   assert len(hashed) == len(values)  # every id holds a list value (clip_shape) → hashed
   assert sweep.point_id({"lr": 0.001, "box": True}) == "lr=0.001,box=true"
-  assert sweep.point_id({"a": "x y"}) == sweep.point_id({"a": "x y"}) != sweep.point_id({"a": "x_y"})
+  assert sweep.point_id({"a": "x y"}) == sweep.point_id({"a": "x y"})
+  assert sweep.point_id({"a": "x y"}) != sweep.point_id({"a": "x_y"})
 
 
 def test_shards_cover_every_point_exactly_once_round_robin():
@@ -158,7 +159,8 @@ def _files(point_dir):
 def test_killed_sweep_resumes_and_shards_rebuild_the_same_table(tmp_path):
   sweep_file = tmp_path / "seeds.json"
   sweep_file.write_text(json.dumps({"name": "seeds", "grid": {"seed": [0, 1]},
-                                    "fixed": {"steps": 4, "log_every": 2}}))
+                                    "fixed": {"optimizer": "adam", "steps": 4,
+                                              "log_every": 2}}))
   whole = tmp_path / "whole"
   first, second = whole / "seed=0", whole / "seed=1"
   proc = _main(f"--sweep={sweep_file}", f"--workdir={whole}", stdout=subprocess.DEVNULL,

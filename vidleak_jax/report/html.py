@@ -29,7 +29,8 @@ _HOUSEKEEPING = ("absl.", "chex.")  # modules whose flags say nothing about the 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1150px; color: #222;
   padding: 0 16px; }
-h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 32px; }
+h1 { font-size: 1.5em; }
+h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; margin-top: 32px; }
 table { border-collapse: collapse; font-size: 0.9em; margin: 8px 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
 th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -37,7 +38,9 @@ th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: ta
 figure { margin: 0; } figcaption { font-size: 0.9em; color: #555; margin-top: 4px; }
 img.pixels { image-rendering: pixelated; border: 1px solid #ddd; }
 img.plot { max-width: 100%; }
-.point { border: 1px solid #ddd; border-radius: 6px; padding: 8px 12px; }
+.points { display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 16px; }
+.point { border: 1px solid #ddd; border-radius: 6px; padding: 4px 12px 8px; }
+.point h3 { font-size: 1em; word-break: break-all; }
 """
 # Marks <body> with how many images decoded, for headless checks of the embedded data.
 _SCRIPT = """
@@ -59,13 +62,21 @@ def _text(value: Any) -> str:
     return "—"
   if isinstance(value, float):
     return f"{value:.4g}"
-  return sweep.flag_text(value) if isinstance(value, (bool, list)) else str(value)
+  if isinstance(value, list):
+    return ", ".join(_text(v) for v in value)
+  return sweep.flag_text(value) if isinstance(value, bool) else str(value)
 
 
 def _img(data: bytes, mime: str, alt: str, *, css_class: str, style: str = "") -> str:
   uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
   style = f' style="{_esc(style)}"' if style else ""
   return f'<img class="{css_class}" src="{uri}" alt="{_esc(alt)}"{style}>'
+
+
+def _gif_figure(gif: bytes, caption: str, height: int) -> str:
+  """A GIF shown `height` CSS pixels tall (sharp pixels), captioned."""
+  image = _img(gif, "image/gif", caption, css_class="pixels", style=f"height:{height}px")
+  return f"<figure>{image}<figcaption>{_esc(caption)}</figcaption></figure>"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -123,12 +134,11 @@ def _clips_section(run_dir: str, metrics: dict[str, Any], fps: float) -> list[st
     sources.append(("super-resolved", load_npz(sr_path)["clips"][perm]))
   gifs = [(name, *_clips_gif(clips, fps)) for name, clips in sources]
   height = gifs[0][2]  # every source shown at the height of the ground truth
-  figures = [f'<figure>{_img(gif, "image/gif", name, css_class="pixels", style=f"height:{height}px")}'
-             f"<figcaption>{_esc(name)}</figcaption></figure>" for name, gif, _ in gifs]
+  figures = [_gif_figure(gif, name, height) for name, gif, _ in gifs]
   labels = truth["labels"], rec["labels"][perm]
   rows = [[b, int(labels[0][b]), int(labels[1][b]), metrics["psnr"][b], metrics["ssim"][b],
            (metrics.get("psnr_init") or [None] * len(perm))[b]] for b in range(len(perm))]
-  return ["<h2>Clips</h2>", f'<div class="row">{"".join(figures)}</div>',
+  return [f'<div class="row">{"".join(figures)}</div>',
           _table(["clip", "true label", "recovered label", "PSNR (dB)", "SSIM", "PSNR init (dB)"],
                  rows)]
 
@@ -139,6 +149,16 @@ def _curves_png(run_dir: str, metrics: dict[str, Any]) -> bytes:
     return plots.curves_png(curve["step"], curve["objective"], curve.get("psnr") or None)
   loss = load_npz(os.path.join(run_dir, "reconstruction.npz"))["history_loss"]  # [steps, R]
   return plots.curves_png(np.arange(1, len(loss) + 1), loss)
+
+
+def _sr_table(sr: dict[str, Any]) -> str:
+  """Scalar SR settings, then each scalar score before and after SR (when both are given)."""
+  rows = [(k, v, "") for k, v in sorted(sr.items()) if not isinstance(v, (dict, list))]
+  before, after = sr.get("before"), sr.get("after")
+  if isinstance(before, dict) and isinstance(after, dict):
+    rows += [(k, before[k], after.get(k)) for k in sorted(before)
+             if isinstance(before[k], (int, float))]
+  return _table(["", "before SR", "after SR"], rows)
 
 
 def _housekeeping_flags() -> set[str]:
@@ -156,11 +176,12 @@ def run_report_html(run_dir: str) -> str:
   config_path = os.path.join(run_dir, "config.json")
   config = _flatten(_read_json(config_path)) if os.path.exists(config_path) else {}
   scalars = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float))}
-  body = ["<h2>Summary</h2>", _table(["metric", "value"], sorted(scalars.items()))]
-  body += _clips_section(run_dir, metrics, float(config.get("gif_fps") or 4.0))
+  clips = _clips_section(run_dir, metrics, float(config.get("gif_fps") or 4.0))
+  body = ["<h2>Clips and scores</h2>", '<div class="row">',
+          _table(["metric", "value"], sorted(scalars.items())), f"<div>{''.join(clips)}</div>",
+          "</div>"]
   if isinstance(metrics.get("sr_metrics"), dict):
-    body += ["<h2>Super-resolution</h2>",
-             _table(["metric", "value"], sorted(_flatten(metrics["sr_metrics"]).items()))]
+    body += ["<h2>Super-resolution</h2>", _sr_table(metrics["sr_metrics"])]
   body += ["<h2>Attack curves</h2>",
            _img(_curves_png(run_dir, metrics), "image/png", "attack curves", css_class="plot")]
   if metrics.get("psnr_per_frame") and metrics.get("ssim_per_frame"):
@@ -168,22 +189,24 @@ def run_report_html(run_dir: str) -> str:
              _img(plots.per_frame_png(metrics["psnr_per_frame"], metrics["ssim_per_frame"]),
                   "image/png", "per-frame PSNR and SSIM", css_class="plot")]
   hidden = _housekeeping_flags()
-  body += ["<h2>Settings</h2>",
-           _table(["setting", "value"], sorted((k, v) for k, v in config.items()
-                                               if k not in hidden))]
+  settings = sorted((k, v) for k, v in config.items() if k not in hidden)
+  third = -(-len(settings) // 3)
+  body += ["<h2>Settings</h2>", '<div class="row">',
+           *(_table(["setting", "value"], settings[i:i + third])
+             for i in range(0, len(settings), third)), "</div>"]
   return _page(f"vidleak_jax run: {os.path.basename(os.path.abspath(run_dir))}", body)
 
 
-def _point_section(workdir: str, row: dict[str, Any], columns: Sequence[str]) -> str:
+def _point_section(workdir: str, row: dict[str, Any], columns: Sequence[str],
+                   first_metric: int) -> str:
   point_dir = os.path.join(workdir, row["point_id"])
   parts = [f'<section class="point" id="{_esc(row["point_id"])}"><h3>{_esc(row["point_id"])}</h3>',
            '<div class="row">']
   gif = os.path.join(point_dir, "comparison.gif")
   if os.path.exists(gif):
     with open(gif, "rb") as f:
-      parts.append(f'<figure>{_img(f.read(), "image/gif", row["point_id"], css_class="pixels", style="height:96px")}'
-                   "<figcaption>truth | reconstruction</figcaption></figure>")
-  parts.append(_table(["column", "value"], [(c, row.get(c)) for c in columns[1:]]))
+      parts.append(_gif_figure(f.read(), "truth | reconstruction", 96))
+  parts.append(_table(["metric", "value"], [(c, row.get(c)) for c in columns[first_metric:]]))
   parts.append("</div>")
   if os.path.exists(os.path.join(point_dir, REPORT_FILE)):
     href = urllib.parse.quote(f"{row['point_id']}/{REPORT_FILE}")
@@ -208,7 +231,8 @@ def sweep_report_html(workdir: str) -> str:
       body += [f"<h2>Against {_esc(flag)}</h2>",
                _img(plots.sweep_png(rows, flag, values), "image/png", f"metrics vs {flag}",
                     css_class="plot")]
-  body += ["<h2>Points</h2>"] + [_point_section(workdir, r, columns) for r in rows]
+  body += ["<h2>Points</h2>", '<div class="points">',
+           *(_point_section(workdir, r, columns, 1 + len(grid)) for r in rows), "</div>"]
   return _page(f"vidleak_jax sweep: {results.get('name') or os.path.basename(workdir)}", body)
 
 

@@ -94,8 +94,12 @@ def sweep_png(rows: Sequence[dict[str, Any]], flag: str, values: Sequence[Any],
     for x, m, n in zip(xs, means, counts):
       ax.annotate(f"n={n}", (x, m), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set(title=f"{metric} vs {flag}", xlabel=flag, ylabel=metric)
+    if numeric and positions.min() > 0 and positions.max() >= 100 * positions.min():
+      ax.set_xscale("log")  # e.g. learning rates or prior weights over decades
     if not numeric:
-      ax.set_xticks(positions, [flag_text(v) for v in values])
       ax.set_xlim(-0.5, len(values) - 0.5)
+    if not numeric or len(values) <= 12:  # a tick at every swept value
+      ax.set_xticks(positions, [flag_text(v) for v in values])
+      ax.minorticks_off()
     ax.grid(alpha=0.3)
   return _png(fig)
