@@ -90,7 +90,7 @@ def sweep_png(rows: Sequence[dict[str, Any]], flag: str, values: Sequence[Any],
         means.append(np.mean(found))
         stds.append(np.std(found))
         counts.append(len(found))
-    ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=4, lw=1.5)
+    ax.errorbar(xs, means, yerr=stds, fmt="o-" if numeric else "o", capsize=4, lw=1.5)
     for x, m, n in zip(xs, means, counts):
       ax.annotate(f"n={n}", (x, m), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set(title=f"{metric} vs {flag}", xlabel=flag, ylabel=metric)
