@@ -60,8 +60,8 @@ flags.DEFINE_integer("pretrain_clips", _FC.pretrain_clips, "Clips in the pre-tra
 flags.DEFINE_integer("pretrain_steps", _PRE.steps, "Pre-training steps.", lower_bound=1)
 flags.DEFINE_integer("pretrain_batch", _PRE.batch_size, "Pre-training minibatch.", lower_bound=1)
 flags.DEFINE_float("pretrain_lr", _PRE.lr, "Pre-training Adam learning rate.", lower_bound=0.0)
-flags.DEFINE_integer("checkpoint_every", _PRE.checkpoint_every, "Pre-training steps between "
-                     "checkpoints.", lower_bound=1)
+flags.DEFINE_integer("pretrain_checkpoint_every", _PRE.checkpoint_every, "Pre-training steps "
+                     "between checkpoints.", lower_bound=1)
 
 
 def _input_size() -> tuple[int, int] | None:
@@ -104,6 +104,7 @@ def run_config_kwargs() -> dict[str, Any]:
           steps=FLAGS.invert_steps, tv_spatial=FLAGS.invert_tv_spatial,
           tv_temporal=FLAGS.invert_tv_temporal),
       pretrain=PretrainConfig(steps=FLAGS.pretrain_steps, batch_size=FLAGS.pretrain_batch,
-                              lr=FLAGS.pretrain_lr, checkpoint_every=FLAGS.checkpoint_every),
+                              lr=FLAGS.pretrain_lr,
+                              checkpoint_every=FLAGS.pretrain_checkpoint_every),
       pretrain_data=FLAGS.pretrain_data, pretrain_clips=FLAGS.pretrain_clips)
   return {"pipeline": FLAGS.pipeline, "features": features}
