@@ -101,12 +101,12 @@ def test_flag_overrides_apply_inside_and_restore_after():
   assert fv.steps == 7
 
 
-def _main(*args, **popen):
+def _main(*args, env=None, **popen):
   cmd = [sys.executable, "-m", "experiments.main", "--flagfile=experiments/flags/tiny.flags",
          "--quiet", *args]
   if popen:
-    return subprocess.Popen(cmd, cwd=ROOT, **popen)
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
@@ -161,10 +161,13 @@ def test_killed_sweep_resumes_and_shards_rebuild_the_same_table(tmp_path):
   sweep_file.write_text(json.dumps({"name": "seeds", "grid": {"seed": [0, 1]},
                                     "fixed": {"optimizer": "adam", "steps": 4,
                                               "log_every": 2}}))
+  # Points computed twice (whole sweep, then shards) compile once: a persistent XLA cache.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   whole = tmp_path / "whole"
   first, second = whole / "seed=0", whole / "seed=1"
-  proc = _main(f"--sweep={sweep_file}", f"--workdir={whole}", stdout=subprocess.DEVNULL,
-               stderr=subprocess.DEVNULL)
+  proc = _main(f"--sweep={sweep_file}", f"--workdir={whole}", env=env,
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 300
   while not (first / "point.json").exists():
     assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before point 1"
@@ -174,7 +177,7 @@ def test_killed_sweep_resumes_and_shards_rebuild_the_same_table(tmp_path):
   assert not sweep.is_finished(str(second))
   before = _files(first)
 
-  proc = _main(f"--sweep={sweep_file}", f"--workdir={whole}")
+  proc = _main(f"--sweep={sweep_file}", f"--workdir={whole}", env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert _files(first) == before  # the finished point was skipped: no file touched or added
   assert sweep.is_finished(str(second))
@@ -189,7 +192,8 @@ def test_killed_sweep_resumes_and_shards_rebuild_the_same_table(tmp_path):
 
   sharded = tmp_path / "sharded"
   for i in range(2):
-    proc = _main(f"--sweep={sweep_file}", f"--workdir={sharded}", f"--sweep_shard={i}/2")
+    proc = _main(f"--sweep={sweep_file}", f"--workdir={sharded}", f"--sweep_shard={i}/2",
+                 env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sweep.is_finished(str(sharded / f"seed={i}"))
     if i == 0:
