@@ -10,6 +10,7 @@ import sys
 from absl import app, flags
 
 from experiments import feature_flags  # --pipeline=features and its flags
+from experiments import sr_flags  # --sr and the sr stage's flags
 from experiments import sweep
 from vidleak_jax import attack, models, runner
 
@@ -133,7 +134,8 @@ def config_from_flags() -> runner.RunConfig:
         update=FLAGS.update, local_steps=FLAGS.local_steps, local_lr=FLAGS.local_lr,
         known_labels=FLAGS.known_labels, gradients=FLAGS.gradients, attack=attack_config, png_scale=FLAGS.png_scale,
         gif_fps=FLAGS.gif_fps, quiet=FLAGS.quiet, checkpoint_every=FLAGS.checkpoint_every,
-        **feature_flags.run_config_kwargs())
+        **feature_flags.run_config_kwargs(),
+        **sr_flags.run_config_kwargs())
   except (KeyError, ValueError) as e:
     raise app.UsageError(str(e).strip("'\"")) from None
 

@@ -194,3 +194,14 @@ def evaluate(
       "assignment": [int(i) for i in perm],
       "label_accuracy": acc,
   }
+
+
+def temporal_error(x: Array, y: Array) -> Array:
+  """Temporal-consistency error per clip: mean |(x_t+1 - x_t) - (y_t+1 - y_t)|, [B,T,H,W,C] x2 -> [B].
+
+  0 for single-frame clips; measures flicker that per-frame metrics cannot see.
+  """
+  x, y = _check_clips(x, y)
+  if x.shape[1] < 2:
+    return jnp.zeros(x.shape[:1], x.dtype)
+  return jnp.mean(jnp.abs(jnp.diff(x, axis=1) - jnp.diff(y, axis=1)), axis=(1, 2, 3, 4))

@@ -35,9 +35,10 @@ from vidleak_jax.attack import checkpoint
 from vidleak_jax.data import sources
 from vidleak_jax.fl import captured as captured_update
 from vidleak_jax.report import html as html_report
+from vidleak_jax.sr import stage as sr_stage
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 
-STAGES = ("pretrain", "data", "attack", "eval")  # pretrain: feature pipeline only
+STAGES = ("pretrain", "data", "attack", "sr", "eval")  # pretrain: feature pipeline only
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,6 +70,7 @@ class RunConfig:
   checkpoint_every: int = 1  # dispatches (of attack.log_every steps) between checkpoints
   pipeline: str = "frames"  # or "features": frozen extractor + trained head
   features: features_pipeline.FeatureConfig = features_pipeline.FeatureConfig()
+  sr: sr_stage.SRConfig = sr_stage.SRConfig()  # the sr stage runs only when sr.method != "none"
 
   def __post_init__(self):
     unknown = [s for s in self.stages if s not in STAGES]
@@ -84,8 +86,7 @@ class RunConfig:
       raise ValueError(f"--checkpoint_every must be >= 1 (dispatches), got {self.checkpoint_every}")
     if self.update not in ("fedsgd", "fedavg"):
       raise ValueError(f"--update must be fedsgd or fedavg, got {self.update!r}")
-    if self.pipeline not in features_pipeline.PIPELINES:
-      raise ValueError(f"--pipeline must be frames or features, got {self.pipeline!r}")
+    features_pipeline.validate(self)
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
@@ -205,6 +206,9 @@ def stage_eval(cfg: RunConfig) -> dict[str, Any]:
                      "psnr": np.asarray(curve_psnr).reshape(len(snapshots), -1).mean(axis=1)}
   if cfg.pipeline == "features":
     result.update(features_pipeline.feature_metrics(cfg, rec, truth, perm))
+  result.update(sr_stage.perceptual_scores(rec["clips"][perm], truth["clips"]))
+  if cfg.sr.method != "none":
+    result["sr_metrics"] = sr_stage.sr_metrics(cfg, perm, truth["clips"], rec["clips"])
   report.write_json(_path(cfg, "metrics.json"), result)
   matched = rec["clips"][perm]
   report.save_png(_path(cfg, "truth.png"), report.frame_grid(truth["clips"], scale=cfg.png_scale))
@@ -216,6 +220,11 @@ def stage_eval(cfg: RunConfig) -> dict[str, Any]:
                result["psnr_mean"], result["psnr_init_mean"], result["ssim_mean"],
                result["label_accuracy"])
   return result
+
+
+def stage_sr(cfg: RunConfig) -> None:
+  """Super-resolves the reconstruction into sr.npz (`vidleak_jax.sr.stage`; skipped for none)."""
+  sr_stage.stage_sr(cfg, build_victim=build_victim, client_side=client_side)
 
 
 def init_distributed(coordinator_address: str, num_processes: int | None,
@@ -255,13 +264,13 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, 
   for stage in STAGES:
     if stage not in cfg.stages:
       continue
-    if stage != "eval" or _is_writer():  # eval is host-side work on the written files
+    if stage not in ("sr", "eval") or _is_writer():  # host-side work on the written files
       start = time.perf_counter()
       if stage == "attack":
         result = stage_attack(cfg, captured)
       else:
         result = {"pretrain": features_pipeline.stage_pretrain, "data": stage_data,
-                  "eval": stage_eval}[stage](cfg)
+                  "sr": stage_sr, "eval": stage_eval}[stage](cfg)
       logging.info("stage %s done in %.1fs", stage, time.perf_counter() - start)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"vidleak_jax stage {stage}")

@@ -1,0 +1,156 @@
+"""SR methods by name: each builds an upscaler clips [N,T,h,w,C] -> [N,T,h*s,w*s,C] (unclipped).
+
+  bicubic, lanczos3  `jax.image.resize`, no training.
+  espcn, edsr        the network trained on generic frames (synthetic cameras + photos), or
+                     restored from `SRConfig.checkpoint` (trained and saved there if empty).
+  adapted            the generic `SRConfig.model` fine-tuned on the attacker's reference frames
+                     (block-averaged -> original pairs, flips/transposes).
+  restoration        the generic `SRConfig.model` fine-tuned on (attack output, ground truth) pairs
+                     of attacks the attacker simulates on its own clips with the same victim and
+                     attack settings (few steps), so it also learns to remove attack artefacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidleak_jax.registry import Registry
+from vidleak_jax.sr import apply, train
+from vidleak_jax.sr.models import SR_MODELS, SR_SCALES
+
+Upscaler = Callable[[jax.Array], jax.Array]
+# simulate(key) -> (low-res attack outputs [B,T,h,w,C], their ground truth [B,T,H,W,C])
+Simulator = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+GENERIC_SIZE = 32  # side of the generic training frames (divisible by every SR scale)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SRConfig:
+  """Settings of the `sr` stage (flags --sr, --sr_scale, --sr_model, --sr_steps, ...).
+
+  method: a name in `SR_METHODS`, or "none" (stage skipped). scale: upscaling factor, None =
+  the attack's `attack_scale`. model: network of adapted/restoration. steps: generic training
+  steps; finetune_steps: adapted/restoration fine-tuning steps. checkpoint: orbax directory of
+  the generic network (restored if present, else trained and saved there; resumable).
+  temporal_radius: neighbouring frames on each side given to the network as extra channels.
+  simulations / simulation_steps: simulated attacks (and their steps) for restoration.
+  """
+
+  method: str = "none"
+  scale: int | None = None
+  model: str = "espcn"
+  steps: int = 300
+  finetune_steps: int = 150
+  checkpoint: str | None = None
+  temporal_radius: int = 0
+  simulations: int = 2
+  simulation_steps: int = 100
+
+  def __post_init__(self):
+    if self.method != "none":
+      SR_METHODS.get(self.method)
+    SR_MODELS.get(self.model)
+    if self.scale is not None and self.scale not in SR_SCALES:
+      raise ValueError(f"sr_scale must be one of {SR_SCALES}, got {self.scale!r}")
+    for field in ("steps", "finetune_steps", "simulations", "simulation_steps"):
+      if getattr(self, field) < 1:
+        raise ValueError(f"sr {field} must be >= 1, got {getattr(self, field)}")
+    if self.temporal_radius < 0:
+      raise ValueError(f"sr temporal_radius must be >= 0, got {self.temporal_radius}")
+
+
+class SRSetup(NamedTuple):
+  """What an SR method may use: settings, scale, the attacker's references [k,H,W,C], a simulator."""
+
+  config: SRConfig
+  scale: int
+  references: np.ndarray
+  simulate: Simulator | None = None
+
+
+SR_METHODS: Registry[Callable[[jax.Array, SRSetup], Upscaler]] = Registry("SR method")
+
+
+@SR_METHODS.register("bicubic")
+def _bicubic(key: jax.Array, setup: SRSetup) -> Upscaler:
+  del key
+  return lambda clips: apply.bicubic(clips, setup.scale)
+
+
+@SR_METHODS.register("lanczos3")
+def _lanczos3(key: jax.Array, setup: SRSetup) -> Upscaler:
+  del key
+  return lambda clips: apply.lanczos3(clips, setup.scale)
+
+
+def generic_model(key: jax.Array, setup: SRSetup, name: str):
+  """The generic network `name`: restored from / trained into `config.checkpoint`."""
+  cfg, steps = setup.config, setup.config.steps
+  if cfg.checkpoint is not None:
+    meta = train.read_metadata(cfg.checkpoint)
+    if meta is not None:
+      want = {"model": name, "scale": setup.scale, "temporal_radius": cfg.temporal_radius}
+      have = {k: meta.get(k) for k in want}
+      if have != want:
+        raise ValueError(f"--sr_checkpoint {cfg.checkpoint!r} holds {have}, expected {want}")
+      steps = int(meta["steps"])  # a saved model is used (or finished) as it was trained
+  model, _ = train.train_generic(key, name, scale=setup.scale, size=GENERIC_SIZE, frames=4,
+                                 steps=steps, temporal_radius=cfg.temporal_radius,
+                                 checkpoint_dir=cfg.checkpoint)
+  return model
+
+
+def _network(model, setup: SRSetup) -> Upscaler:
+  return lambda clips: apply.apply_model(model, clips,
+                                         temporal_radius=setup.config.temporal_radius)
+
+
+def _generic(name: str) -> Callable[[jax.Array, SRSetup], Upscaler]:
+  def build(key: jax.Array, setup: SRSetup) -> Upscaler:
+    return _network(generic_model(key, setup, name), setup)
+  return build
+
+
+SR_METHODS.register("espcn")(_generic("espcn"))
+SR_METHODS.register("edsr")(_generic("edsr"))
+
+
+def adapt(key: jax.Array, model, references: jax.Array, *, scale: int, steps: int,
+          temporal_radius: int = 0):
+  """`model` fine-tuned on reference frames [k,H,W,C] (block-averaged -> original pairs)."""
+  high = jnp.asarray(references)[:, None]  # static one-frame clips [k,1,H,W,C]
+  pairs = train.pairs_from_clips(train.degrade(high, scale), high,
+                                 temporal_radius=temporal_radius)
+  return train.fit(key, model, pairs, steps=steps, learning_rate=5e-4)[0]
+
+
+@SR_METHODS.register("adapted")
+def _adapted(key: jax.Array, setup: SRSetup) -> Upscaler:
+  if len(setup.references) == 0:
+    raise ValueError("--sr=adapted needs the attacker's reference frames: rerun the 'data' "
+                     "stage with --references=k (k >= 1)")
+  generic_key, fit_key = jax.random.split(key)
+  model = adapt(fit_key, generic_model(generic_key, setup, setup.config.model),
+                setup.references, scale=setup.scale, steps=setup.config.finetune_steps,
+                temporal_radius=setup.config.temporal_radius)
+  return _network(model, setup)
+
+
+@SR_METHODS.register("restoration")
+def _restoration(key: jax.Array, setup: SRSetup) -> Upscaler:
+  if setup.simulate is None:
+    raise ValueError("--sr=restoration needs the victim and attack settings to simulate attacks")
+  generic_key, sim_key, fit_key = jax.random.split(key, 3)
+  lows, highs = zip(*(setup.simulate(k) for k in
+                      jax.random.split(sim_key, setup.config.simulations)))
+  pairs = train.pairs_from_clips(jnp.concatenate(lows), jnp.concatenate(highs),
+                                 temporal_radius=setup.config.temporal_radius)
+  model = generic_model(generic_key, setup, setup.config.model)
+  model = train.fit(fit_key, model, pairs, steps=setup.config.finetune_steps,
+                    learning_rate=5e-4)[0]
+  return _network(model, setup)
