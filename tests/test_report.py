@@ -61,7 +61,8 @@ def test_report_escapes_strings_and_shows_super_resolution(run_dir, tmp_path):
   config["data"] = "video:/x/<script>alert(1)</script>&.mp4"
   (work / "config.json").write_text(json.dumps(config))
   metrics = json.loads((work / "metrics.json").read_text())
-  metrics["sr_metrics"] = {"psnr_mean": 23.5, "note": "<b>x</b>"}
+  metrics["sr_metrics"] = {"method": "<b>x</b>", "scale": 2, "before": {"psnr_mean": 21.25},
+                           "after": {"psnr_mean": 23.5, "psnr": [23.5]}}
   metrics["curve"] = {"step": [1, 2, 3, 4], "objective": [4.0, 3.0, 2.0, 1.0],
                       "psnr": [10.0, 12.0, 14.0, 15.0]}
   (work / "metrics.json").write_text(json.dumps(metrics))
@@ -72,7 +73,8 @@ def test_report_escapes_strings_and_shows_super_resolution(run_dir, tmp_path):
   assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
   gifs = [im for _, mime, im in _images(page) if mime == "image/gif"]
   assert len(gifs) == 3 and gifs[2].size == (128, 128)  # 16x16 SR frames shown at 8x
-  assert "super-resolved" in page and "23.5" in page
+  assert "super-resolved" in page
+  assert '<td>psnr_mean</td><td class="num">21.25</td><td class="num">23.5</td>' in page
 
 
 def _fake_sweep(run_dir, workdir) -> sweep.SweepSpec:

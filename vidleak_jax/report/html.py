@@ -152,13 +152,15 @@ def _curves_png(run_dir: str, metrics: dict[str, Any]) -> bytes:
 
 
 def _sr_table(sr: dict[str, Any]) -> str:
-  """Scalar SR settings, then each scalar score before and after SR (when both are given)."""
-  rows = [(k, v, "") for k, v in sorted(sr.items()) if not isinstance(v, (dict, list))]
+  """SR settings (scalars) in a line, then each scalar score before and after SR."""
+  settings = ", ".join(f"{k} {_text(v)}" for k, v in sorted(sr.items())
+                       if not isinstance(v, (dict, list)))
   before, after = sr.get("before"), sr.get("after")
-  if isinstance(before, dict) and isinstance(after, dict):
-    rows += [(k, before[k], after.get(k)) for k in sorted(before)
-             if isinstance(before[k], (int, float))]
-  return _table(["", "before SR", "after SR"], rows)
+  if not (isinstance(before, dict) and isinstance(after, dict)):
+    return f"<p>{_esc(settings)}</p>" + _table(["metric", "value"], sorted(_flatten(sr).items()))
+  rows = [(k, before[k], after.get(k)) for k in sorted(before)
+          if isinstance(before[k], (int, float))]
+  return f"<p>{_esc(settings)}</p>" + _table(["score", "before SR", "after SR"], rows)
 
 
 def _housekeeping_flags() -> set[str]:
@@ -175,7 +177,7 @@ def run_report_html(run_dir: str) -> str:
   metrics = _read_json(os.path.join(run_dir, "metrics.json"))
   config_path = os.path.join(run_dir, "config.json")
   config = _flatten(_read_json(config_path)) if os.path.exists(config_path) else {}
-  scalars = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float))}
+  scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
   clips = _clips_section(run_dir, metrics, float(config.get("gif_fps") or 4.0))
   body = ["<h2>Clips and scores</h2>", '<div class="row">',
           _table(["metric", "value"], sorted(scalars.items())), f"<div>{''.join(clips)}</div>",
