@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vidleak_jax import attack, runner, sweep
+from vidleak_jax import attack, metrics, report, runner, sweep
 from vidleak_jax.report import html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -75,6 +75,29 @@ def test_report_escapes_strings_and_shows_super_resolution(run_dir, tmp_path):
   assert len(gifs) == 3 and gifs[2].size == (128, 128)  # 16x16 SR frames shown at 8x
   assert "super-resolved" in page
   assert '<td>psnr_mean</td><td class="num">21.25</td><td class="num">23.5</td>' in page
+
+
+def test_batch_report_matches_clips_to_the_truth_without_a_config(tmp_path):
+  rng = np.random.default_rng(0)
+  truth = rng.random((2, 4, 16, 16, 3)).astype(np.float32)
+  rec = truth[::-1].copy()
+  rec[1] = 0.5  # rec[0] is truth clip 1 exactly; rec[1] (matched to clip 0) is grey
+  report.save_npz(tmp_path / "data.npz", clips=truth, labels=np.array([2, 3]))
+  report.save_npz(tmp_path / "reconstruction.npz", clips=rec, labels=np.array([3, 2]),
+                  history_loss=np.ones((5, 2), np.float32))
+  report.write_json(tmp_path / "metrics.json", metrics.evaluate(
+      rec, truth, rec_labels=np.array([3, 2]), true_labels=np.array([2, 3])))
+  page = html.run_report_html(str(tmp_path))
+  truth_gif, rec_gif = [im for _, mime, im in _images(page) if mime == "image/gif"]
+  assert truth_gif.size == rec_gif.size == (128, 2 * 128 + 2)  # two clips stacked, 8x
+  for t in range(4):  # the reconstruction GIF shows matched clips: clip 1 equals the truth
+    truth_gif.seek(t)
+    rec_gif.seek(t)
+    a = np.asarray(truth_gif.convert("RGB"), np.float64)[130:]
+    b = np.asarray(rec_gif.convert("RGB"), np.float64)[130:]
+    assert np.abs(a - b).mean() < 8.0  # GIF palette quantisation only
+  assert '<td class="num">0</td><td class="num">2</td><td class="num">2</td>' in page
+  assert "Settings" not in page
 
 
 def _fake_sweep(run_dir, workdir) -> sweep.SweepSpec:

@@ -192,10 +192,11 @@ def run_report_html(run_dir: str) -> str:
                   "image/png", "per-frame PSNR and SSIM", css_class="plot")]
   hidden = _housekeeping_flags()
   settings = sorted((k, v) for k, v in config.items() if k not in hidden)
-  third = -(-len(settings) // 3)
-  body += ["<h2>Settings</h2>", '<div class="row">',
-           *(_table(["setting", "value"], settings[i:i + third])
-             for i in range(0, len(settings), third)), "</div>"]
+  if settings:
+    third = -(-len(settings) // 3)
+    body += ["<h2>Settings</h2>", '<div class="row">',
+             *(_table(["setting", "value"], settings[i:i + third])
+               for i in range(0, len(settings), third)), "</div>"]
   return _page(f"vidleak_jax run: {os.path.basename(os.path.abspath(run_dir))}", body)
 
 
