@@ -46,8 +46,7 @@ class FeatureConfig:
   attack: str = "matching"
   matching: feature_attack.StageConfig = feature_attack.StageConfig()
   inversion: feature_attack.StageConfig = feature_attack.StageConfig(
-      optimizer="adam", lr=0.05, schedule="cosine", steps=300, tv_spatial=1e-3,
-      tv_temporal=1e-3)
+      optimizer="lbfgs", steps=200, tv_spatial=1e-2, tv_temporal=1e-2)
   pretrain: pretrain.PretrainConfig = pretrain.PretrainConfig()
   pretrain_data: str = "synthetic"
   pretrain_clips: int = 64

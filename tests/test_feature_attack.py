@@ -1,0 +1,146 @@
+"""Feature-pipeline attacks: analytic first-layer recovery, feature matching, feature inversion,
+and the pipeline through the entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vidleak_jax as vl
+from vidleak_jax import features_pipeline, metrics, pretrain, report, runner
+from vidleak_jax.attack import features as fa
+from vidleak_jax.models import heads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T, D = 4, 8
+LABELS = jnp.asarray([2])
+
+
+def _features(seed: int = 0) -> jax.Array:
+  """Non-negative (post-ReLU, globally pooled) feature matrix [1,T,D] with temporal variation."""
+  return jax.nn.relu(jax.random.normal(jax.random.key(seed), (1, T, D)))
+
+
+def _shared(name: str, features: jax.Array, **kwargs):
+  head = heads.create_head(name, jax.random.key(1), frames=T, dim=D, num_classes=4, **kwargs)
+  _, head_apply, params = heads.feature_victim(lambda x: x, head)
+  grads = jax.jit(vl.fl.client_update, static_argnums=0)(head_apply, params, features, LABELS)
+  return head, head_apply, params, grads
+
+
+@pytest.mark.parametrize("name, pooling", [("linear", "mean"), ("mlp2", "flatten")])
+def test_analytic_recovery_is_exact_for_a_dense_first_layer(name, pooling):
+  features = _features()
+  head, _, _, grads = _shared(name, features, pooling=pooling)
+  layer = "fc1" if head.depth else "head"
+  x = fa.analytic_first_layer(grads, layer)
+  recovered = np.asarray(fa.features_from_input(x, T, D, pooling))
+  # Pooled heads reveal the time-mean of F (in every frame); flattened ones all of F.
+  want = np.asarray(features.mean(axis=1, keepdims=True) if pooling == "mean" else features)
+  np.testing.assert_allclose(recovered, np.broadcast_to(want, (1, T, D)), rtol=1e-4, atol=1e-5)
+  if pooling == "mean":
+    errors = fa.feature_errors(recovered, features)
+    temporal = np.linalg.norm(features - features.mean(axis=1, keepdims=True))
+    assert errors["feature_rel_error"][0] == pytest.approx(
+        float(temporal / np.linalg.norm(features)), rel=1e-4)
+
+
+def test_analytic_recovery_refuses_a_zero_bias_gradient():
+  grads = {"head": {"kernel": jnp.ones((D, 4)), "bias": jnp.zeros((4,))}}
+  with pytest.raises(ValueError, match="bias gradient of 'head' is zero"):
+    fa.analytic_first_layer(grads, "head")
+  with pytest.raises(KeyError, match="no gradient leaf 'fc1/kernel'"):
+    fa.analytic_first_layer(grads, "fc1")
+
+
+def test_feature_matching_recovers_a_gru_heads_feature_matrix():
+  features = _features(seed=3)
+  _, head_apply, params, grads = _shared("gru", features, hidden=32)
+  start = jnp.full_like(features, 0.5)
+  found = fa.match_features(head_apply, params, grads, LABELS, start,
+                            fa.StageConfig(optimizer="lbfgs", metric="l2", steps=100))
+  errors = fa.feature_errors(found.value, features)
+  assert errors["feature_rel_error"][0] < 1e-3, errors  # from ~0.6 at the start
+  assert errors["feature_cosine"][0] > 0.9999
+  assert fa.feature_errors(start, features)["feature_rel_error"][0] > 0.3
+  assert found.history.shape == (100,) and found.loss <= float(found.history[0])
+
+
+def test_feature_inversion_recovers_clips_through_an_injective_extractor():
+  clips, _ = vl.data.synthetic_clips(jax.random.key(0), 1, frames=2, height=8, width=8,
+                                     channels=3, num_classes=4)
+  extract = lambda x: x.reshape(x.shape[0], x.shape[1], -1) * 2.0 - 0.3  # per-frame, invertible
+  found = fa.invert_features(extract, extract(clips), jnp.full(clips.shape, 0.5),
+                             fa.StageConfig(optimizer="lbfgs", steps=30))
+  assert float(metrics.psnr(found.value, clips)[0]) > 40.0
+  assert float(found.value.min()) >= 0.0 and float(found.value.max()) <= 1.0
+
+
+def test_feature_errors_follow_the_formulas():
+  truth = np.arange(1.0, 7.0).reshape(1, 2, 3)
+  errors = fa.feature_errors(2.0 * truth, truth)
+  assert errors["feature_rel_error"] == pytest.approx([1.0])
+  assert errors["feature_cosine"] == pytest.approx([1.0])
+  errors = fa.feature_errors(-truth, truth)
+  assert errors["feature_rel_error"] == pytest.approx([2.0])
+  assert errors["feature_cosine"] == pytest.approx([-1.0])
+
+
+TINY = ["--pipeline=features", "--extractor=resnet_small", "--clip_shape=2,16,16,3",
+        "--pretrain_steps=4", "--pretrain_clips=4", "--pretrain_batch=2", "--invert_steps=5",
+        "--quiet"]
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_feature_pipeline_runs_end_to_end_from_the_entry_point(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _main(*TINY, "--head=linear", "--feature_attack=analytic", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((workdir / "metrics.json").read_text())
+  for key in ("psnr_mean", "ssim_mean", "psnr", "label_accuracy", "feature_rel_error",
+              "feature_cosine", "feature_rel_error_mean"):
+    assert key in result, key
+  assert result["label_accuracy"] == 1.0
+  assert len(result["psnr_per_frame"][0]) == 2
+  assert json.loads((workdir / "pretrain.json").read_text())["losses"].__len__() == 4
+
+  # The analytic attack on a linear head recovers exactly the time-mean of the true features.
+  cfg = runner.RunConfig(
+      workdir=str(workdir), pipeline="features", clip_shape=(2, 16, 16, 3),
+      features=features_pipeline.FeatureConfig(
+          head="linear", attack="analytic", pretrain_clips=4,
+          pretrain=pretrain.PretrainConfig(steps=4, batch_size=2)))
+  victim = features_pipeline.build_victim(cfg)
+  truth = victim.extract(jnp.asarray(report.load_npz(str(workdir / "data.npz"))["clips"]))
+  recovered = report.load_npz(str(workdir / "reconstruction.npz"))["features"]
+  np.testing.assert_allclose(recovered[0, 0], np.asarray(truth[0].mean(axis=0)), rtol=1e-3,
+                             atol=1e-5)
+  want = fa.feature_errors(recovered, truth)["feature_rel_error"][0]
+  assert result["feature_rel_error"][0] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--head=gru", "--feature_attack=analytic"], "--feature_attack=analytic"),
+    (["--extractor=resnet50"], "--extractor"),
+    (["--head_pooling=flatten", "--head=gru"], "--head_pooling"),
+    (["--extractor_weights=w.safetensors"], "--extractor_weights"),
+])
+def test_bad_feature_flags_exit_with_one_message(tmp_path, bad, expected):
+  workdir = tmp_path / "run"
+  proc = _main(*TINY, *bad, f"--workdir={workdir}")
+  assert proc.returncode != 0
+  assert expected in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
