@@ -239,7 +239,7 @@ def stage_attack(cfg, captured=None) -> None:
 
 def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray],
                     assignment) -> dict[str, Any]:
-  """Eval side: feature-space error of the recovered features (matched like the clips), LPIPS."""
+  """Eval side: feature-space error of the recovered features (matched like the clips)."""
   module = _new_extractor(cfg)
   if module.trainable:
     pretrain.load_pretrained(module, _extractor_dir(cfg), identity=_identity(cfg),
@@ -251,15 +251,4 @@ def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray
   out["feature_cosine_mean"] = float(np.mean(out["feature_cosine"]))
   out.update(pipeline="features", extractor=cfg.features.extractor, head=cfg.features.head,
              feature_attack=cfg.features.attack)
-  out.update(lpips_metrics(rec["clips"][perm], truth["clips"]))
   return out
-
-
-def lpips_metrics(rec_clips: np.ndarray, true_clips: np.ndarray) -> dict[str, Any]:
-  """LPIPS per clip when `vidleak_jax.metrics_lpips` is available, else nothing."""
-  try:
-    from vidleak_jax import metrics_lpips  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return {}
-  values = np.asarray(metrics_lpips.lpips(rec_clips, true_clips), np.float64)
-  return {"lpips": values.tolist(), "lpips_mean": float(values.mean())}
