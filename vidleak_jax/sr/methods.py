@@ -4,7 +4,9 @@
   espcn, edsr        the network trained on generic frames (synthetic cameras + photos), or
                      restored from `SRConfig.checkpoint` (trained and saved there if empty).
   adapted            the generic `SRConfig.model` fine-tuned on the attacker's reference frames
-                     (block-averaged -> original pairs, flips/transposes).
+                     (block-averaged -> original pairs, flips/transposes), plus background
+                     detail transfer: out = SR(x) + m - SR(m block-averaged), m the references'
+                     per-pixel median, so the static scene keeps its full-resolution detail.
   restoration        the generic `SRConfig.model` fine-tuned on (attack output, ground truth) pairs
                      of attacks the attacker simulates on its own clips with the same victim and
                      attack settings (few steps), so it also learns to remove attack artefacts.
@@ -138,7 +140,18 @@ def _adapted(key: jax.Array, setup: SRSetup) -> Upscaler:
   model = adapt(fit_key, generic_model(generic_key, setup, setup.config.model),
                 setup.references, scale=setup.scale, steps=setup.config.finetune_steps,
                 temporal_radius=setup.config.temporal_radius)
-  return _network(model, setup)
+  return with_background_detail(_network(model, setup), setup.references, setup.scale)
+
+
+def with_background_detail(upscale: Upscaler, references: np.ndarray, scale: int) -> Upscaler:
+  """x -> upscale(x) + m - upscale(m block-averaged), m = median of references [k,H,W,C].
+
+  Pixels that show the static background come out as the full-resolution background; applying
+  it twice changes nothing (upscale of the block-averaged m becomes m itself).
+  """
+  background = jnp.median(jnp.asarray(references), axis=0)[None, None]  # [1,1,H,W,C]
+  detail = background - upscale(train.degrade(background, scale))
+  return lambda clips: upscale(clips) + detail
 
 
 @SR_METHODS.register("restoration")

@@ -25,7 +25,8 @@ from vidleak_jax import attack, metrics, report
 from vidleak_jax.data.synthetic import synthetic_clips
 from vidleak_jax.metrics_lpips import lpips
 from vidleak_jax.sr import train
-from vidleak_jax.sr.methods import SR_METHODS, Simulator, SRConfig, SRSetup
+from vidleak_jax.sr.methods import (SR_METHODS, Simulator, SRConfig, SRSetup,
+                                   with_background_detail)
 
 __all__ = ["SRConfig", "clip_scores", "perceptual_scores", "sr_metrics", "stage_sr"]
 
@@ -92,11 +93,9 @@ def stage_sr(cfg, *, build_victim: Callable, client_side: Callable) -> None:
     simulate = make_simulator(cfg, *build_victim(cfg), client_side, references, scale)
   key = jax.random.fold_in(jax.random.key(cfg.seed), _SR_STREAM)
   upscale = SR_METHODS.get(cfg.sr.method)(key, SRSetup(cfg.sr, scale, references, simulate))
-  out = upscale(low)
-  if cfg.attack.param == "background_residual" and len(references):  # background detail transfer
-    background = jnp.median(jnp.asarray(references), axis=0)[None, None]  # [1,1,H,W,C]
-    out = out + background - upscale(train.degrade(background, scale))
-  out = np.asarray(jnp.clip(out, 0.0, 1.0))
+  if cfg.attack.param == "background_residual" and len(references):
+    upscale = with_background_detail(upscale, references, scale)
+  out = np.asarray(jnp.clip(upscale(low), 0.0, 1.0))
   if out.shape != rec["clips"].shape:
     raise ValueError(f"--sr={cfg.sr.method} gave clips {out.shape}, expected "
                      f"{rec['clips'].shape}")

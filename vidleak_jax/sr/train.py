@@ -157,7 +157,7 @@ def restore(manager: ocp.CheckpointManager, like: dict[str, Any], steps: int):
     raise ValueError(f"checkpoint {manager.directory} does not match this SR model and "
                      f"--sr_steps={steps}: {e}") from None
   leaves = jax.tree.unflatten(treedef, [arrays[str(i)] for i in range(len(flat))])
-  return leaves, np.asarray(arrays["losses"]), min(int(step), steps)
+  return leaves, np.array(arrays["losses"]), min(int(step), steps)
 
 
 def read_metadata(directory: str) -> dict[str, Any] | None:
