@@ -104,6 +104,7 @@ class AttackLog:
     line: dict[str, Any] = {name: info[key] for name, key in SCALARS.items()}
     for name, value in line.items():
       self._tb.add_scalar(f"attack/{name}", value, global_step=step)
+    self._tb.flush()  # like the JSONL line: on disk before the next checkpoint can cover it
     line.update(step=step, wall_s=round(wall, 3), eta_s=round(eta, 3))
     self._file.write(json.dumps(report.to_jsonable(line), sort_keys=True, allow_nan=False) + "\n")
     self._file.flush()

@@ -111,17 +111,19 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=1, cleanup_tmp_directories=True))
 
+  def _read(self, step: int, **items: ocp.args.CheckpointArgs) -> dict[str, Any]:
+    try:
+      return dict(self._manager.restore(step, args=ocp.args.Composite(**items)))
+    except Exception as e:  # unreadable or foreign files: never guess
+      raise ValueError(f"cannot read the attack checkpoint in {self.directory}/{step}: "
+                       f"{type(e).__name__}: {e}; delete {self.directory} to start afresh") from e
+
   def restore(self, template: AttackState) -> tuple[AttackState, LoopRecord] | None:
     """The latest (state as host arrays shaped like `template`, record), or None if none."""
     step = self._manager.latest_step()
     if step is None:
       return None
-    try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as e:  # unreadable or foreign files: never guess
-      raise ValueError(f"cannot read the attack checkpoint in {self.directory}/{step}: "
-                       f"{type(e).__name__}: {e}; delete {self.directory} to start afresh") from e
-    meta = meta["meta"]
+    meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
     saved = meta.get("description", {})
     if saved.get("fingerprint") != self.description["fingerprint"]:
       differ = ", ".join(_differences(saved, self.description)) or "fingerprint"
@@ -129,8 +131,8 @@ class Checkpointer:
                        f"{differ}): rerun the command that wrote it to resume it, or delete "
                        f"{self.directory} to start afresh")
     template = jax.tree.map(np.asarray, jax.device_get(template))
-    items = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(template), record=ocp.args.StandardRestore()))
+    items = self._read(step, state=ocp.args.StandardRestore(template),
+                       record=ocp.args.StandardRestore())
     record, snapshots = items["record"], items["record"].get("snapshots")
     return items["state"], LoopRecord(
         done=int(meta["done"]), chunks=[dict(record["history"])],
