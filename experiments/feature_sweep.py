@@ -6,7 +6,8 @@ On the same synthetic clips (one seed): the raw-frame attack (C3D victim, L-BFGS
 matching on pixels) and, for every head linear → mlp1 → mlp2 → mlp3 → conv1d → gru → transformer
 on one frozen, locally pre-trained extractor, the feature attack (stage 1: feature matching;
 stage 2: feature inversion through the extractor); `--end_to_end` adds the pixel attack through
-extractor + head. Writes <workdir>/feature_sweep.md and .csv (atomically) and every run's
+extractor + head. A last row inverts the true features (stage 2 alone: what a perfect stage 1
+would give). Writes <workdir>/<table_name>.md and .csv (atomically) and every run's
 directory <workdir>/<name>/. About 12 min on a 2-core CPU at the defaults (4×32×32 clips).
 """
 
@@ -22,7 +23,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from vidleak_jax import attack, features_pipeline, report, runner
+from vidleak_jax import attack, features_pipeline, metrics, report, runner
+from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.models import heads
 
 flags.DEFINE_string("workdir", "runs/feature_sweep", "Output directory.")
@@ -37,6 +39,7 @@ flags.DEFINE_integer("invert_steps", 200, "Stage 2 (feature inversion) steps.", 
 flags.DEFINE_integer("raw_steps", 400, "Raw-frame attack steps.", lower_bound=1)
 flags.DEFINE_bool("end_to_end", False, "Also run the end-to-end pixel attack per head.")
 flags.DEFINE_string("results_dir", None, "Also write the table there (e.g. experiments/results).")
+flags.DEFINE_string("table_name", "feature_sweep", "File name (no suffix) of the .md/.csv table.")
 FLAGS = flags.FLAGS
 
 COLUMNS = ("pipeline", "head", "head_params", "feature_rel_error", "feature_cosine", "psnr",
@@ -80,7 +83,22 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
           features=dataclasses.replace(fc, attack="end_to_end")))
       row["psnr_end_to_end"] = e2e["psnr_mean"]
     rows.append(row)
+  rows.append(_oracle_row(dataclasses.replace(base, workdir=os.path.join(workdir, FLAGS.heads[0])),
+                          clips))
   return rows
+
+
+def _oracle_row(cfg: runner.RunConfig, clips: np.ndarray) -> dict:
+  """Stage 2 from the true features: the frame PSNR a perfect stage 1 would give (eval only)."""
+  victim = features_pipeline.build_victim(cfg)
+  truth = jax.jit(victim.extract)(clips)
+  found = feature_attack.invert_features(victim.extract, truth, np.full(clips.shape, 0.5,
+                                                                         np.float32),
+                                         cfg.features.inversion)
+  return {"pipeline": f"features ({cfg.features.extractor})", "head": "true features",
+          "feature_rel_error": 0.0, "feature_cosine": 1.0,
+          "psnr": float(metrics.psnr(found.value, clips).mean()),
+          "ssim": float(metrics.ssim(found.value, clips).mean())}
 
 
 def _format(column: str, value) -> str:
@@ -91,16 +109,16 @@ def _format(column: str, value) -> str:
   return str(value)
 
 
-def write_tables(rows: list[dict], directory: str, caption: str) -> None:
-  """feature_sweep.md (markdown) and feature_sweep.csv, each written atomically."""
+def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> None:
+  """<name>.md (markdown) and <name>.csv, each written atomically."""
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
   writer.writeheader()
   writer.writerows([{c: row.get(c, "") for c in COLUMNS} for row in rows])
-  report.write_text(os.path.join(directory, "feature_sweep.csv"), buffer.getvalue())
+  report.write_text(os.path.join(directory, f"{name}.csv"), buffer.getvalue())
   lines = [caption, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   lines += ["| " + " | ".join(_format(c, row.get(c)) for c in COLUMNS) + " |" for row in rows]
-  report.write_text(os.path.join(directory, "feature_sweep.md"), "\n".join(lines) + "\n")
+  report.write_text(os.path.join(directory, f"{name}.md"), "\n".join(lines) + "\n")
 
 
 def main(argv):
@@ -135,8 +153,8 @@ def main(argv):
              f"feature inversion ({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} "
              f"L-BFGS steps.")
   for directory in {workdir, FLAGS.results_dir or workdir}:
-    write_tables(rows, directory, caption)
-  print(open(os.path.join(workdir, "feature_sweep.md"), encoding="utf-8").read())
+    write_tables(rows, directory, FLAGS.table_name, caption)
+  print(open(os.path.join(workdir, f"{FLAGS.table_name}.md"), encoding="utf-8").read())
 
 
 if __name__ == "__main__":

@@ -144,3 +144,19 @@ def test_bad_feature_flags_exit_with_one_message(tmp_path, bad, expected):
   assert expected in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
+
+
+def test_sweep_table_is_written_as_markdown_and_csv(tmp_path):
+  from experiments import feature_sweep  # pylint: disable=import-outside-toplevel
+  rows = [{"pipeline": "frames (C3D)", "head": "-", "psnr": 30.4219, "ssim": 0.925},
+          {"pipeline": "features (resnet_small)", "head": "gru", "head_params": 25028,
+           "feature_rel_error": 0.0123456, "psnr": 14.4}]
+  feature_sweep.write_tables(rows, str(tmp_path), "table", "caption")
+  lines = (tmp_path / "table.csv").read_text().splitlines()
+  assert lines[0].split(",") == list(feature_sweep.COLUMNS)
+  assert lines[2].split(",")[:5] == ["features (resnet_small)", "gru", "25028", "0.0123456", ""]
+  markdown = (tmp_path / "table.md").read_text()
+  assert "| frames (C3D) | - | - | - | - | 30.42 | 0.925 |" in markdown
+  assert "| 0.01235 |" in markdown
+  assert [p.name for p in tmp_path.iterdir()] and not any(
+      p.name.endswith(".tmp") for p in tmp_path.iterdir())

@@ -112,12 +112,18 @@ def _new_extractor(cfg):
                                      frames=t, height=h, width=w, channels=c, **kwargs)
 
 
-def build_victim(cfg) -> FeatureVictim:
-  """Extractor (pre-trained weights loaded when it is trainable) + freshly initialised head."""
+def _extractor(cfg):
+  """The run's extractor, with the `pretrain` stage's weights when it is trained locally."""
   module = _new_extractor(cfg)
-  if module.trainable:
+  if cfg.features.extractor in extractors.TRAINED_LOCALLY:
     pretrain.load_pretrained(module, _extractor_dir(cfg), identity=_identity(cfg),
                              frames=cfg.clip_shape[0], num_classes=cfg.num_classes)
+  return module
+
+
+def build_victim(cfg) -> FeatureVictim:
+  """Extractor (with its locally pre-trained weights) + freshly initialised head."""
+  module = _extractor(cfg)
   extract = extractors.frozen(module)
   head = heads.create_head(cfg.features.head, _keys(cfg.seed)["head"], frames=cfg.clip_shape[0],
                            dim=module.out_features, num_classes=cfg.num_classes,
@@ -130,11 +136,11 @@ def stage_pretrain(cfg) -> None:
   """Trains (or resumes training) the extractor when it is one of the locally trained ones."""
   if cfg.pipeline != "features":
     return
-  module = _new_extractor(cfg)
-  if not module.trainable:
+  if cfg.features.extractor not in extractors.TRAINED_LOCALLY:
     logging.info("pretrain: extractor %s is not trained locally; nothing to do",
                  cfg.features.extractor)
     return
+  module = _new_extractor(cfg)
   t, h, w, c = cfg.clip_shape
   fc, keys = cfg.features, _keys(cfg.seed)
   batch = sources.load_client_batch(
@@ -240,10 +246,7 @@ def stage_attack(cfg, captured=None) -> None:
 def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray],
                     assignment) -> dict[str, Any]:
   """Eval side: feature-space error of the recovered features (matched like the clips)."""
-  module = _new_extractor(cfg)
-  if module.trainable:
-    pretrain.load_pretrained(module, _extractor_dir(cfg), identity=_identity(cfg),
-                             frames=cfg.clip_shape[0], num_classes=cfg.num_classes)
+  module = _extractor(cfg)
   true_features = jax.jit(extractors.frozen(module))(jnp.asarray(truth["clips"]))
   perm = np.asarray(assignment)
   out: dict[str, Any] = feature_attack.feature_errors(rec["features"][perm], true_features)

@@ -25,6 +25,7 @@ from vidleak_jax.models.victims import Preprocess
 from vidleak_jax.registry import Registry
 
 EXTRACTORS: Registry[Callable[..., nnx.Module]] = Registry("extractor")
+TRAINED_LOCALLY = ("r2plus1d", "resnet_small")  # weights come from the `pretrain` stage
 ExtractFn = Callable[[jax.Array], jax.Array]  # clips [N,T,H,W,C] -> features [N,T,D]
 
 # LPIPS feeds x in [-1, 1] as (x - shift) / scale; the same map on [0, 1] pixels:
@@ -47,8 +48,6 @@ def _need_rgb(name: str, channels: int) -> None:
 
 class LPIPSTrunkExtractor(nnx.Module):
   """LPIPS' pretrained AlexNet/VGG16 trunk at ReLU `layer`, averaged over each frame."""
-
-  trainable = False
 
   def __init__(self, net: str, frames: int, height: int, width: int, channels: int, *,
                rngs: nnx.Rngs, layer: int = 5, input_size: tuple[int, int] | None = None):
@@ -78,8 +77,7 @@ class ResNetExtractor(nnx.Module):
 
   def __init__(self, frames: int, height: int, width: int, channels: int, *, rngs: nnx.Rngs,
                widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), stem: bool = True,
-               trainable: bool = False, input_size: tuple[int, int] | None = None):
-    self.trainable = trainable
+               input_size: tuple[int, int] | None = None):
     self.preprocess = Preprocess(frames, channels, tuple(input_size or (height, width)))
     self.net = backbones.ResNet(widths=widths, blocks=blocks, stem=stem, channels=channels,
                                 rngs=rngs)
@@ -91,8 +89,6 @@ class ResNetExtractor(nnx.Module):
 
 class R2Plus1DExtractor(nnx.Module):
   """`backbones.R2Plus1D`, globally average-pooled per frame: [N,T,H,W,C] -> [N,T,D]."""
-
-  trainable = True
 
   def __init__(self, frames: int, height: int, width: int, channels: int, *, rngs: nnx.Rngs,
                widths=(16, 32, 64), input_size: tuple[int, int] | None = None):
@@ -129,7 +125,7 @@ def _resnet18(frames, height, width, channels, *, rngs, weights_path: str | None
 @EXTRACTORS.register("resnet_small")
 def _resnet_small(frames, height, width, channels, *, rngs, **kwargs) -> nnx.Module:
   return ResNetExtractor(frames, height, width, channels, rngs=rngs, widths=(16, 32, 64),
-                         blocks=(1, 1, 1), stem=False, trainable=True, **kwargs)
+                         blocks=(1, 1, 1), stem=False, **kwargs)
 
 
 EXTRACTORS.register("r2plus1d")(R2Plus1DExtractor)
