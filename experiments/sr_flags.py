@@ -1,4 +1,4 @@
-"""Flags of the `sr` stage (--sr, --sr_scale, ...); `run_config_kwargs()` feeds `runner.RunConfig`."""
+"""Flags of the `sr` stage (--sr, --sr_scale, ...); `run_config_kwargs()` feeds RunConfig."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +148,8 @@ def test_sr_stage_end_to_end(tmp_path):
   attack = vl.attack.AttackConfig(steps=4, log_every=2, attack_scale=2, init="reference",
                                   param="background_residual", residual_l1=1e-2)
   cfg = runner.RunConfig(workdir=str(tmp_path), stages=("data", "attack"),
-                         clip_shape=(3, 16, 16, 3), references=2, victim="frame_cnn", attack=attack, quiet=True)
+                         clip_shape=(3, 16, 16, 3), references=2, victim="frame_cnn",
+                         attack=attack, quiet=True)
   runner.run(cfg)
   rec = report.load_npz(os.path.join(tmp_path, "reconstruction.npz"))
   assert rec["clips"].shape == (1, 3, 16, 16, 3) and rec["clips_lowres"].shape == (1, 3, 8, 8, 3)
@@ -172,3 +175,19 @@ def test_sr_stage_end_to_end(tmp_path):
                                    attack=vl.attack.AttackConfig(steps=2, log_every=2),
                                    sr=methods.SRConfig(method="adapted")))
   assert not os.path.exists(tmp_path / "none" / "sr.npz")
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("--sr=srgan", "--sr"), ("--sr=bicubic --sr_scale=3", "sr_scale must be one of"),
+    ("--attack_scale=3", "--attack_scale"), ("--param=background", "--param"),
+])
+def test_bad_sr_flags_exit_nonzero_with_one_clear_message(tmp_path, bad, expected):
+  workdir = tmp_path / "run"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "experiments.main",
+                         "--flagfile=experiments/flags/tiny.flags", f"--workdir={workdir}",
+                         *bad.split()], cwd=root, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert expected in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()

@@ -197,7 +197,7 @@ def evaluate(
 
 
 def temporal_error(x: Array, y: Array) -> Array:
-  """Temporal-consistency error per clip: mean |(x_t+1 - x_t) - (y_t+1 - y_t)|, [B,T,H,W,C] x2 -> [B].
+  """Temporal-consistency error: mean |(x_t+1 - x_t) - (y_t+1 - y_t)|, [B,T,H,W,C] x2 -> [B].
 
   0 for single-frame clips; measures flicker that per-frame metrics cannot see.
   """

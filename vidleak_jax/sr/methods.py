@@ -67,7 +67,7 @@ class SRConfig:
 
 
 class SRSetup(NamedTuple):
-  """What an SR method may use: settings, scale, the attacker's references [k,H,W,C], a simulator."""
+  """What an SR method may use: settings, scale, the references [k,H,W,C], an attack simulator."""
 
   config: SRConfig
   scale: int

@@ -18,7 +18,7 @@ SR_MODELS: Registry[type[nnx.Module]] = Registry("SR model")
 
 
 def pixel_shuffle(x: jax.Array, scale: int) -> jax.Array:
-  """Sub-pixel rearrangement [..., h, w, C*s*s] -> [..., h*s, w*s, C] (channel order (sy, sx, c))."""
+  """Sub-pixel shuffle [..., h, w, C*s*s] -> [..., h*s, w*s, C]; channels ordered (sy, sx, c)."""
   *lead, h, w, c = x.shape
   out = c // (scale * scale)
   x = x.reshape(*lead, h, w, scale, scale, out)

@@ -52,7 +52,7 @@ def photo_clips(size: int, frames: int, *, side: int = 96) -> jax.Array:
 
 
 def generic_clips(key: jax.Array, size: int, frames: int, *, cameras: int = 24) -> jax.Array:
-  """Synthetic clips of `cameras` random cameras plus photo patches: float32[M, T, size, size, 3]."""
+  """Synthetic clips of `cameras` random cameras and photo patches: float32[M, T, size, size, 3]."""
   one_camera = lambda k: synthetic_clips(k, 1, frames=frames, height=size, width=size)[0][0]
   video = jax.jit(jax.vmap(one_camera))(jax.random.split(key, cameras))
   return jnp.concatenate([video, photo_clips(size, frames)])
