@@ -1,4 +1,4 @@
-"""The experiment pipeline behind `experiments.main`: stages data → attack → eval in a workdir.
+"""The experiment pipeline behind `experiments.main`: stages data → attack → sr → eval in a workdir.
 
 Files in the workdir (all written atomically):
   config.json           every setting of the run
@@ -6,12 +6,17 @@ Files in the workdir (all written atomically):
   references.npz        attacker-side reference frames [k,H,W,C] of the same camera (may be k=0)
   shared_update.npz     what the client shares (gradient leaves keyed by parameter path)
   reconstruction.npz    the attacker's output (clips, labels, objective history, initial guess,
-                        snapshots of the best clips so far for the curve)
+                        snapshots of the best clips so far for the curve); clips are at the
+                        victim's resolution [B,T,H,W,C], clips_lowres [B,T,H/s,W/s,C] at the
+                        attack's (`--attack_scale=s`; equal to clips for s=1)
+  sr.npz                the sr stage's output (only with --sr): clips [B,T,H,W,C] at the victim's
+                        resolution, inputs [B,T,H/s,W/s,C] (see `vidleak_jax.sr.stage`)
   metrics.jsonl, tb/    one log point per dispatch (see `logging_io`)
   checkpoints/          the attack's progress while it runs (see `attack.checkpoint`); a rerun
                         resumes from it; removed once reconstruction.npz is written
-  metrics.json          PSNR / SSIM per clip and per frame, label accuracy, curve (PSNR and
-                        objective per snapshot; ground truth enters here)
+  metrics.json          PSNR / SSIM / LPIPS / temporal error per clip, PSNR / SSIM per frame,
+                        label accuracy, curve (PSNR and objective per snapshot), sr_metrics
+                        (before / after SR, with --sr); ground truth enters here
   truth.png, reconstruction.png, comparison.gif
   report.html           everything above in one self-contained page (after eval)
 """
