@@ -145,7 +145,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   if FLAGS.sweep:  # each point runs single-process here; hosts split points (--sweep_shard)
-    return sweep.main(FLAGS, config_from_flags, sweep.entry_point_flags(FLAGS, __name__))
+    try:
+      return sweep.main(FLAGS, config_from_flags, sweep.entry_point_flags(FLAGS, __name__))
+    except attack.AttackInterrupted as e:  # SIGTERM: rerunning resumes the point and the sweep
+      sys.exit(f"stopped: {e}")
   config = config_from_flags()
   if FLAGS.coordinator_address:
     runner.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
