@@ -46,6 +46,7 @@ def test_tiny_preset_runs_end_to_end(tmp_path):
     ("--clip_shape=4,16,16", "--clip_shape"),
     ("--optimizer=adamw", "--optimizer"),
     ("--stages=data,attak", "attak"),
+    ("--checkpoint_every=0", "--checkpoint_every"),
 ])
 def test_bad_flag_values_exit_nonzero_with_one_clear_message(tmp_path, bad, expected):
   workdir = tmp_path / "run"
