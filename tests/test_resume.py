@@ -189,9 +189,9 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
   assert "attack resumed at step" in rerun.stderr
   _assert_same_outputs(workdir, uninterrupted)
 
-  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  lines, expected = ([json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+                     for w in (workdir, uninterrupted))
   assert [line["step"] for line in lines] == list(range(5, 201, 5))
-  expected = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
   assert [line["objective"] for line in lines] == [line["objective"] for line in expected]
 
   # TensorBoard: replaying the event files with their purge markers gives each step once.
