@@ -15,6 +15,7 @@ feature_rel_error / feature_cosine (vs the true features, computed only in eval)
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, NamedTuple
 
@@ -96,11 +97,12 @@ def _extractor_dir(cfg) -> str:
 
 
 def _identity(cfg) -> dict[str, Any]:
-  """What a pretrain checkpoint must have been trained for."""
+  """What a pretrain checkpoint must have been trained for (as JSON values: tuples are lists)."""
   fc = cfg.features
-  return {"extractor": fc.extractor, "extractor_kwargs": dict(sorted(fc.extractor_kwargs.items())),
-          "clip_shape": list(cfg.clip_shape), "num_classes": cfg.num_classes, "seed": cfg.seed,
-          "pretrain_data": fc.pretrain_data, "pretrain_clips": fc.pretrain_clips}
+  return json.loads(json.dumps({
+      "extractor": fc.extractor, "extractor_kwargs": dict(sorted(fc.extractor_kwargs.items())),
+      "clip_shape": cfg.clip_shape, "num_classes": cfg.num_classes, "seed": cfg.seed,
+      "pretrain_data": fc.pretrain_data, "pretrain_clips": fc.pretrain_clips}))
 
 
 def _new_extractor(cfg):
