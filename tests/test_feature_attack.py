@@ -160,3 +160,21 @@ def test_sweep_table_is_written_as_markdown_and_csv(tmp_path):
   assert "| 0.01235 |" in markdown
   assert [p.name for p in tmp_path.iterdir()] and not any(
       p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_feature_inversion_from_reference_frames_beats_gray():
+  from vidleak_jax.data import sources  # pylint: disable=import-outside-toplevel
+  batch = sources.load_client_batch(jax.random.key(0), "synthetic", batch_size=1,
+                                    spec=sources.ClipSpec(2, 16, 16, 3), num_classes=4,
+                                    num_references=3)
+  module = vl.models.create_extractor("resnet_small", jax.random.key(1), frames=2, height=16,
+                                      width=16, channels=3)
+  extract = vl.models.frozen(module)
+  target = jax.jit(extract)(batch.clips)
+  config = fa.StageConfig(optimizer="lbfgs", steps=10, tv_spatial=1e-2, tv_temporal=1e-2)
+  scores = {}
+  for name, references in (("gray", None), ("reference", batch.references)):
+    init = features_pipeline._init_clips(references, batch.clips.shape)  # pylint: disable=protected-access
+    found = fa.invert_features(extract, target, init, config)
+    scores[name] = float(metrics.psnr(found.value, batch.clips)[0])
+  assert scores["reference"] > scores["gray"] + 3.0, scores
