@@ -178,3 +178,24 @@ def test_feature_inversion_from_reference_frames_beats_gray():
     found = fa.invert_features(extract, target, init, config)
     scores[name] = float(metrics.psnr(found.value, batch.clips)[0])
   assert scores["reference"] > scores["gray"] + 3.0, scores
+
+
+@pytest.mark.slow
+def test_end_to_end_attack_optimises_pixels_through_extractor_and_head(tmp_path):
+  cfg = runner.RunConfig(
+      workdir=str(tmp_path), pipeline="features", clip_shape=(2, 16, 16, 3), quiet=True,
+      attack=vl.attack.AttackConfig(optimizer="lbfgs", metric="l2", schedule="constant",
+                                    steps=10, log_every=5),
+      features=features_pipeline.FeatureConfig(
+          head="mlp1", attack="end_to_end", pretrain_clips=4,
+          pretrain=pretrain.PretrainConfig(steps=3, batch_size=2)))
+  result = runner.run(cfg)
+  rec = report.load_npz(str(tmp_path / "reconstruction.npz"))
+  assert rec["history_loss"].shape == (10, 1) and rec["loss"] < rec["history_loss"][0, 0]
+  victim = features_pipeline.build_victim(cfg)
+  np.testing.assert_allclose(rec["features"], np.asarray(victim.extract(rec["clips"])),
+                             rtol=1e-4, atol=1e-5)
+  truth = victim.extract(jnp.asarray(report.load_npz(str(tmp_path / "data.npz"))["clips"]))
+  assert result["feature_rel_error"][0] == pytest.approx(
+      fa.feature_errors(rec["features"], truth)["feature_rel_error"][0], rel=1e-6)
+  assert result["feature_attack"] == "end_to_end" and result["label_accuracy"] == 1.0
