@@ -93,6 +93,8 @@ def test_safetensors_import_reproduces_the_torch_forward_pass(saved_reference):
   weights.load_torch_safetensors(net, path)
   got = np.asarray(net(jnp.asarray(frames)))
   np.testing.assert_allclose(got, want_logits, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(net.features(jnp.asarray(frames))), want_features,
+                             rtol=1e-4, atol=1e-4)
   assert np.abs(want_logits).max() > 0.1  # not a trivially small output
 
   # The registered extractor: per-frame pooled features of clips [N,T,H,W,C] (normalised inside).
