@@ -18,8 +18,9 @@ def _main(*args, cwd=ROOT):
 
 
 def test_tiny_preset_runs_end_to_end(tmp_path):
-  workdir = tmp_path / "run"
-  proc = _main("--flagfile=experiments/flags/tiny.flags", f"--workdir={workdir}", "--quiet")
+  workdir = tmp_path / "run"  # given relative to the working directory, as users do
+  proc = _main(f"--flagfile={ROOT}/experiments/flags/tiny.flags", "--workdir=run", "--quiet",
+               cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("config.json", "data.npz", "shared_update.npz", "reconstruction.npz",
                "metrics.json", "truth.png", "reconstruction.png", "comparison.gif"):

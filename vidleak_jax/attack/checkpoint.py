@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import threading
 from typing import Any, Iterator
@@ -107,8 +108,8 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, description: dict[str, Any]):
-    self.directory, self.description = directory, description
-    self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+    self.directory, self.description = os.path.abspath(directory), description  # orbax needs abs
+    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=1, cleanup_tmp_directories=True))
 
   def _read(self, step: int, **items: ocp.args.CheckpointArgs) -> dict[str, Any]:
