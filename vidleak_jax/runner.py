@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 import shutil
+import time
 from typing import Any, Sequence
 
 import jax
@@ -180,13 +180,12 @@ def stage_attack(cfg: RunConfig, captured=None) -> None:
                              clip_shape=clip_shape, labels=known, config=cfg.attack,
                              progress=log, references=references, checkpoint_dir=checkpoints,
                              checkpoint_every=cfg.checkpoint_every, should_stop=stop.is_set)
-  _save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
-                  clips_lowres=rec.clips_lowres,
-                  labels=np.asarray(rec.labels), loss=np.asarray(rec.loss),
-                  restart_losses=rec.restart_losses, init_clips=rec.init_clips,
-                  compile_s=np.asarray(rec.compile_s), snapshot_steps=rec.snapshot_steps,
-                  snapshot_objectives=rec.snapshot_objectives, snapshots=rec.snapshots,
-                  **{f"history_{k}": v for k, v in rec.history.items()})
+  _save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips), clips_lowres=rec.clips_lowres,
+        labels=np.asarray(rec.labels), loss=np.asarray(rec.loss),
+        restart_losses=rec.restart_losses, init_clips=rec.init_clips,
+        compile_s=np.asarray(rec.compile_s), snapshot_steps=rec.snapshot_steps,
+        snapshot_objectives=rec.snapshot_objectives, snapshots=rec.snapshots,
+        **{f"history_{k}": v for k, v in rec.history.items()})
   if _is_writer():  # the outputs are written: the progress they hold is no longer needed
     shutil.rmtree(checkpoints, ignore_errors=True)
   logging.info("attack: objective %.5g (best of %d restarts), labels %s", rec.loss,
