@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 import jax
 import pytest
@@ -10,6 +12,14 @@ import pytest
 import vidleak_jax as vl
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# Many tests (and the entry points they start as subprocesses, which inherit the environment)
+# compile the same tiny attacks: JAX's persistent cache compiles each program once per machine.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"vidleak_jax_tests_xla_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 VICTIM_NAMES = ("c3d", "frame_cnn", "cnn_rnn")
 TINY = dict(frames=4, height=16, width=16, channels=3)
