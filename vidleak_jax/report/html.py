@@ -24,7 +24,8 @@ from vidleak_jax.report.frames import encode_gif, frame_grid
 
 REPORT_FILE = "report.html"
 CLIP_HEIGHT = 128  # on-screen pixels per clip in the GIFs (integer upscaling, nearest neighbour)
-_HOUSEKEEPING = ("absl.", "chex.")  # modules whose flags say nothing about the experiment
+_EXPERIMENT_MODULES = ("experiments.", "__main__")  # other modules' flags (absl, chex, orbax, ...)
+# say nothing about the experiment
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1150px; color: #222;
@@ -164,10 +165,10 @@ def _sr_table(sr: dict[str, Any]) -> str:
 
 
 def _housekeeping_flags() -> set[str]:
-  """Names (and short names) of absl/chex flags registered in this process."""
+  """Names (and short names) of the library flags (absl, chex, orbax, ...) registered here."""
   names = set()
   for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
-    if module.startswith(_HOUSEKEEPING):
+    if not module.startswith(_EXPERIMENT_MODULES):
       names.update(n for f in module_flags for n in (f.name, f.short_name) if n)
   return names
 
