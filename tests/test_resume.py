@@ -100,6 +100,14 @@ def test_resumed_attack_equals_uninterrupted_and_foreign_checkpoints_are_refused
   _assert_same_result(resumed, expected)
 
 
+def test_a_stop_requested_after_the_last_dispatch_keeps_the_finished_attack(tmp_path,
+                                                                            compile_once):
+  config = vl.attack.AttackConfig(restarts=2, steps=3, log_every=3)  # a single dispatch
+  expected = _attack(config)
+  got = _attack(config, checkpoint_dir=str(tmp_path / "ckpt"), should_stop=lambda: True)
+  _assert_same_result(got, expected)
+
+
 def test_jsonl_resumes_without_duplicate_or_lost_lines(tmp_path):
   def log_steps(start, steps, *, partial_line=False):
     with logging_io.AttackLog(str(tmp_path), quiet=True) as log:

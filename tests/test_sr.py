@@ -124,6 +124,18 @@ def test_lpips_and_temporal_error():
   np.testing.assert_allclose(metrics.temporal_error(very, clips), expected, rtol=1e-5)
 
 
+def test_clip_scores_of_grayscale_clips_include_lpips_of_the_gray_rgb_frames():
+  clips, _ = synthetic.synthetic_clips(jax.random.key(0), 2, frames=3, height=16, width=16)
+  gray = np.asarray(clips).mean(axis=-1, keepdims=True)  # [2,3,16,16,1]
+  noisy = np.clip(gray + 0.2 * np.asarray(jax.random.normal(jax.random.key(1), gray.shape)), 0, 1)
+  scores = stage.clip_scores(noisy, gray)
+  expected = lpips(np.repeat(noisy, 3, axis=-1), np.repeat(gray, 3, axis=-1))
+  np.testing.assert_allclose(scores["lpips"], expected, rtol=1e-6)
+  assert scores["lpips_mean"] > 1e-3
+  assert "lpips" not in stage.clip_scores(np.stack([noisy[..., 0]] * 2, -1),
+                                             np.stack([gray[..., 0]] * 2, -1))
+
+
 def test_bad_inputs_name_the_setting(tmp_path):
   with pytest.raises(KeyError, match="unknown SR method 'srgan'; valid: adapted, bicubic"):
     methods.SRConfig(method="srgan")
@@ -131,6 +143,10 @@ def test_bad_inputs_name_the_setting(tmp_path):
     methods.SRConfig(method="bicubic", scale=3)
   with pytest.raises(ValueError, match="sr_scale=4 must divide"):
     stage.sr_input(np.zeros((1, 2, 18, 18, 3), np.float32), None, 4)
+  with pytest.raises(ValueError, match="--sr=espcn networks are trained on RGB frames; clips "
+                                       "have C=1"):
+    runner.RunConfig(workdir=str(tmp_path / "gray"), clip_shape=(4, 16, 16, 1),
+                     sr=methods.SRConfig(method="espcn"))
   setup = methods.SRSetup(methods.SRConfig(method="adapted"), 2, np.zeros((0, 8, 8, 3)))
   with pytest.raises(ValueError, match="--references=k"):
     methods.SR_METHODS.get("adapted")(jax.random.key(0), setup)

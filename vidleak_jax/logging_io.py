@@ -1,4 +1,4 @@
-"""Attack progress for people and tools: a tqdm bar, `metrics.jsonl` and TensorBoard scalars.
+"""Attack progress for people and programs: a tqdm bar, `metrics.jsonl` and TensorBoard scalars.
 
 `<workdir>/metrics.jsonl` gets one JSON line per log point (dispatch): `step`, `objective` (best
 so far), `objective_mean` (mean over restarts at that step), `grad_match` (gradient-matching term

@@ -91,6 +91,9 @@ class RunConfig:
       raise ValueError(f"--checkpoint_every must be >= 1 (dispatches), got {self.checkpoint_every}")
     if self.update not in ("fedsgd", "fedavg"):
       raise ValueError(f"--update must be fedsgd or fedavg, got {self.update!r}")
+    if self.sr.method not in ("none", "bicubic", "lanczos3") and self.clip_shape[3] != 3:
+      raise ValueError(f"--sr={self.sr.method} networks are trained on RGB frames; clips have "
+                       f"C={self.clip_shape[3]} channels (use --sr=bicubic or lanczos3)")
     features_pipeline.validate(self)
 
 

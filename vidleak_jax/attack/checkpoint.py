@@ -53,7 +53,10 @@ class LoopRecord:
 
   def best_objective(self) -> float:
     """Lowest objective seen so far (inf before the first dispatch)."""
-    return float(np.nanmin(self.history()["loss"])) if self.chunks else float("inf")
+    if not self.chunks:
+      return float("inf")
+    loss = self.history()["loss"]
+    return float(np.min(np.where(np.isnan(loss), np.inf, loss)))  # idle or diverged: NaN
 
 
 def _sha256(array) -> str:

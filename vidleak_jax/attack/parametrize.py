@@ -34,7 +34,7 @@ class Parametrization(NamedTuple):
   latent_shape: (B, T, h, w, C) of one candidate.
   encode(clips_lowres [..., h, w, C] in [0, 1]) -> latents (used for the initial guess).
   decode(latents) -> clips [..., H, W, C] at the victim's resolution (what the victim sees).
-  lowres(latents) -> clips [..., h, w, C] in [0, 1] at the attack's resolution.
+  lowres(latents) -> clips [..., h, w, C] at the attack's resolution (in [0, 1] with `box`).
   project(latents) -> latents after the box constraint (identity when `config.box` is off).
   penalty(latents) -> scalar added to the objective, or None when there is none.
   """
@@ -82,7 +82,7 @@ def direct(clip_shape: tuple[int, ...], config: AttackConfig,
   identity = lambda x: x
   if config.attack_scale == 1:
     decode = identity
-  else:  # bicubic overshoot is clipped so the victim sees valid pixels
+  else:  # with the box constraint, bicubic overshoot is clipped to valid pixels
     decode = lambda x: _box(upsample(x, height, width), config)
   return Parametrization(latent, identity, decode, identity,
                          lambda x: _box(x, config), None)

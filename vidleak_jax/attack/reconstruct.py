@@ -81,8 +81,14 @@ def _fetch(tree):
 
 
 def _stop_requested(should_stop: Callable[[], bool] | None) -> bool:
-  """Whether any process was asked to stop (all processes stop at the same dispatch)."""
-  stop = should_stop is not None and bool(should_stop())
+  """Whether any process was asked to stop (all processes stop at the same dispatch).
+
+  Every process passes the same kind of `should_stop`; None (nothing can ask) needs no collective,
+  so attacks that run on one process only (e.g. the sr stage's simulations) never wait on others.
+  """
+  if should_stop is None:
+    return False
+  stop = bool(should_stop())
   if jax.process_count() > 1:
     stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
   return stop
@@ -183,7 +189,7 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
       if progress is not None:  # before saving: a checkpoint never runs ahead of the log
         progress(record.done, config.steps,
                  _log_point(record.chunks[-1], rows, best_seen, start_step))
-      stop = _stop_requested(should_stop)
+      stop = record.done < config.steps and _stop_requested(should_stop)  # done: keep result
       if checkpointer is not None and (stop or (
           (dispatch + 1) % checkpoint_every == 0 and record.done < config.steps)):
         checkpointer.save(_fetch(state), record)

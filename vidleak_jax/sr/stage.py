@@ -104,9 +104,16 @@ def stage_sr(cfg, *, build_victim: Callable, client_side: Callable) -> None:
 
 
 def clip_scores(clips: Any, truth: Any) -> dict[str, Any]:
-  """PSNR, SSIM, LPIPS and temporal error per clip and their means: [B,T,H,W,C] x2 -> dict."""
+  """PSNR, SSIM, LPIPS and temporal error per clip and their means: [B,T,H,W,C] x2 -> dict.
+
+  LPIPS needs RGB: grayscale (C=1) is repeated to three channels; other C have no LPIPS.
+  """
   scores = {"psnr": metrics.psnr(clips, truth), "ssim": metrics.ssim(clips, truth),
-            "lpips": lpips(clips, truth), "temporal_error": metrics.temporal_error(clips, truth)}
+            "temporal_error": metrics.temporal_error(clips, truth)}
+  channels = np.shape(clips)[-1]
+  if channels in (1, 3):
+    rgb = lambda x: np.repeat(np.asarray(x), 3 // channels, axis=-1)
+    scores["lpips"] = lpips(rgb(clips), rgb(truth))
   out: dict[str, Any] = {}
   for name, values in scores.items():
     values = np.asarray(values, np.float64)
