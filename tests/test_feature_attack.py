@@ -174,7 +174,8 @@ def test_feature_inversion_from_reference_frames_beats_gray():
   config = fa.StageConfig(optimizer="lbfgs", steps=10, tv_spatial=1e-2, tv_temporal=1e-2)
   scores = {}
   for name, references in (("gray", None), ("reference", batch.references)):
-    init = features_pipeline._init_clips(references, batch.clips.shape)  # pylint: disable=protected-access
+    init = features_pipeline._init_clips(  # pylint: disable=protected-access
+        jax.random.key(0), references, batch.clips.shape)
     found = fa.invert_features(extract, target, init, config)
     scores[name] = float(metrics.psnr(found.value, batch.clips)[0])
   assert scores["reference"] > scores["gray"] + 3.0, scores
@@ -199,3 +200,15 @@ def test_end_to_end_attack_optimises_pixels_through_extractor_and_head(tmp_path)
   assert result["feature_rel_error"][0] == pytest.approx(
       fa.feature_errors(rec["features"], truth)["feature_rel_error"][0], rel=1e-6)
   assert result["feature_attack"] == "end_to_end" and result["label_accuracy"] == 1.0
+
+
+def test_every_clip_of_the_batch_starts_from_its_own_point():
+  start = features_pipeline._init_clips(  # pylint: disable=protected-access
+      jax.random.key(0), None, (2, 4, 16, 16, 3))
+  assert start.shape == (2, 4, 16, 16, 3) and abs(float(start.mean()) - 0.5) < 0.01
+  assert np.abs(start[0] - start[1]).max() > 1e-3  # same-label clips can separate
+  refs = np.random.default_rng(0).uniform(size=(3, 16, 16, 3)).astype(np.float32)
+  start = features_pipeline._init_clips(  # pylint: disable=protected-access
+      jax.random.key(0), refs, (2, 4, 16, 16, 3))
+  assert np.abs(start - np.median(refs, axis=0)).max() < 0.1
+  assert np.abs(start[0] - start[1]).max() > 1e-3

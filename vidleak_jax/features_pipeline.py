@@ -26,6 +26,7 @@ from absl import logging
 
 from vidleak_jax import attack, pretrain, report
 from vidleak_jax.attack import features as feature_attack
+from vidleak_jax.attack.engine import init_candidates
 from vidleak_jax.data import sources
 from vidleak_jax.models import extractors, heads
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
@@ -174,11 +175,12 @@ def _references(cfg) -> np.ndarray | None:
   return refs
 
 
-def _init_clips(references: np.ndarray | None, clip_shape) -> np.ndarray:
-  """Stage-1/2 start: the references' median frame in every frame, else mid-gray."""
-  if references is None:
-    return np.full(clip_shape, 0.5, np.float32)
-  return np.broadcast_to(np.median(references, axis=0), clip_shape).astype(np.float32)
+def _init_clips(key: jax.Array, references: np.ndarray | None, clip_shape) -> np.ndarray:
+  """Stage-1/2 start [B,T,H,W,C]: the references' median frame (--init=reference), else mid-gray,
+  plus small noise of each clip's own, so clips with the same label do not stay identical under
+  identical gradients."""
+  kind, refs = ("gray", None) if references is None else ("reference", jnp.asarray(references))
+  return np.asarray(init_candidates(key, (1, *clip_shape), kind, refs)[0])
 
 
 def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips) -> tuple[Any, Any]:
@@ -220,7 +222,7 @@ def stage_attack(cfg, captured=None) -> None:
   labels = known if known is not None else attack.recover_labels(
       keys[0], victim.apply_fn, victim.params, shared, clip_shape)
   refs = _references(cfg)
-  init = _init_clips(refs, clip_shape)
+  init = _init_clips(jax.random.fold_in(keys[1], 0), refs, clip_shape)
   if cfg.features.attack == "end_to_end":
     rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
                              clip_shape=clip_shape, labels=labels, config=cfg.attack,

@@ -46,7 +46,7 @@ class Attack(NamedTuple):
   lowres: Callable[[jax.Array], jax.Array]
 
 
-def _init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str,
+def init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str,
                      references: jax.Array | None) -> jax.Array:
   """Initial clips [R,B,T,h,w,C]; "reference" starts from the references' median frame (resized
   to h×w by block averaging)."""
@@ -110,7 +110,7 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
 
   def init(key: jax.Array) -> AttackState:
     shape = (config.restarts, *param.latent_shape)
-    candidates = param.encode(_init_candidates(key, shape, config.init, references))
+    candidates = param.encode(init_candidates(key, shape, config.init, references))
     opt_state = _map_candidates(opt.init, batching, candidates)
     return AttackState(candidates, opt_state, jnp.zeros((), jnp.int32),
                        jnp.full((config.restarts,), jnp.inf, jnp.float32), candidates)
