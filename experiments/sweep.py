@@ -7,6 +7,7 @@ file's `fixed` values applied on top; it runs in this process in `<workdir>/<poi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import os
 import sys
@@ -77,6 +78,30 @@ def point_config(flag_values: flags.FlagValues, config_from_flags: Callable[[], 
   return config, values
 
 
+def point_settings(config: runner.RunConfig) -> dict:
+  """What decides a point's results: its RunConfig without output-only settings."""
+  settings = dataclasses.asdict(config)
+  for name in ("quiet", "checkpoint_every"):
+    settings.pop(name)
+  return settings
+
+
+def _unfinished(workdir: str, spec: sweep.SweepSpec, points, configs) -> list[sweep.Point]:
+  """Points without results; ValueError if a finished one ran with other settings."""
+  todo = []
+  for point in points:
+    point_dir = os.path.join(workdir, point.point_id)
+    if not sweep.is_finished(point_dir):
+      todo.append(point)
+      continue
+    changed = sweep.changed_settings(point_dir, point_settings(configs[point.point_id][0]))
+    if changed:
+      raise ValueError(f"sweep {spec.name!r}: point {point.point_id} in {workdir} finished with "
+                       f"other settings ({', '.join(changed[:5])}); delete it or use another "
+                       f"--workdir")
+  return todo
+
+
 def resolve_shard(shard_text: str | None, process_id: int | None,
                   num_processes: int | None) -> tuple[int, int]:
   """--sweep_shard=i/n, else the multi-host --process_id/--num_processes, else all points."""
@@ -102,7 +127,7 @@ def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], run
   index, count = resolve_shard(flag_values.sweep_shard, flag_values.process_id,
                                flag_values.num_processes)
   mine = sweep.shard(points, index, count)
-  todo = [p for p in mine if not sweep.is_finished(os.path.join(workdir, p.point_id))]
+  todo = _unfinished(workdir, spec, mine, configs)
   logging.info("sweep %r: %d points, shard %d/%d has %d, %d to run", spec.name, len(points),
                index, count, len(mine), len(todo))
   os.makedirs(workdir, exist_ok=True)
@@ -116,7 +141,7 @@ def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], run
       runner.run(config, flag_values=values)
     except (OSError, ValueError, KeyError) as e:
       raise ValueError(f"sweep point {point.point_id}: {e}") from None
-    sweep.mark_finished(config.workdir, spec, point)
+    sweep.mark_finished(config.workdir, spec, point, point_settings(config))
     sweep.write_results(workdir, spec)
     logging.info("sweep point %s done in %.1fs", point.point_id, time.perf_counter() - start)
   rows = sweep.write_results(workdir, spec)

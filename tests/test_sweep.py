@@ -200,3 +200,9 @@ def test_killed_sweep_resumes_and_shards_rebuild_the_same_table(tmp_path):
       assert not (sharded / "seed=1").exists()
   assert (sharded / "results.json").read_text() == (whole / "results.json").read_text()
   assert (sharded / "results.csv").read_text() == (whole / "results.csv").read_text()
+
+  # Finished points of other settings are never passed off as this sweep's results.
+  proc = _main(f"--sweep={sweep_file}", f"--workdir={whole}", "--lr=0.05", env=env)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "point seed=0" in proc.stderr and "finished with other settings (attack)" in proc.stderr
+  assert _files(first) == before
