@@ -124,6 +124,8 @@ def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> N
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  if not FLAGS.heads:
+    raise app.UsageError(f"--heads needs at least one of {', '.join(heads.SWEEP_ORDER)}")
   try:
     shape = tuple(int(v) for v in FLAGS.clip_shape)
   except ValueError:

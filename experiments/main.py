@@ -1,7 +1,7 @@
 r"""vidleak_jax entry point: `python -m experiments.main --flagfile=experiments/flags/quickstart.flags`.
 
-Stages (select with --stages): data → attack → sr (only with --sr) → eval, all reading/writing
---workdir.
+Stages (select with --stages): pretrain (feature pipeline only) → data → attack → sr (only with
+--sr) → eval, all reading/writing --workdir.
 """
 
 from __future__ import annotations

