@@ -11,11 +11,12 @@ dropped on resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as std_logging
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import tensorboardX
 from absl import logging
@@ -33,6 +34,17 @@ class _WithoutOrbaxInfo(std_logging.Filter):
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return record.levelno > std_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def without_orbax_info() -> Iterator[None]:
+  """While open, orbax's INFO log lines are dropped (its warnings still show)."""
+  logger, orbax_filter = logging.get_absl_logger(), _WithoutOrbaxInfo()
+  logger.addFilter(orbax_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(orbax_filter)
 
 
 def read_jsonl(path: str, *, up_to_step: int | None = None) -> list[str]:
@@ -68,8 +80,8 @@ class AttackLog:
     self._bar = self._file = self._tb = None
     self._clock = time.perf_counter()
     self._start_step, self._wall_offset = 0, 0.0
-    self._filter = _WithoutOrbaxInfo()
-    logging.get_absl_logger().addFilter(self._filter)
+    self._orbax_quiet = contextlib.ExitStack()
+    self._orbax_quiet.enter_context(without_orbax_info())
 
   def _begin(self, start: int, total: int) -> None:
     """Opens the outputs at the step the attack starts from, dropping log points after it."""
@@ -113,7 +125,7 @@ class AttackLog:
     for resource in (self._bar, self._file, self._tb):
       if resource is not None:
         resource.close()
-    logging.get_absl_logger().removeFilter(self._filter)
+    self._orbax_quiet.close()
 
   def __enter__(self) -> AttackLog:
     return self

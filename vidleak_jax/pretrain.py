@@ -9,7 +9,6 @@ run resumed from a checkpoint continues exactly as an uninterrupted one. Orbax c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import Any, Callable
@@ -19,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from absl import logging
 from flax import nnx
 
 from vidleak_jax.fl.updates import cross_entropy
+from vidleak_jax.logging_io import without_orbax_info
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,21 +54,10 @@ class _Probe(nnx.Module):
     return self.linear(feats.reshape(feats.shape[0], -1))
 
 
-@contextlib.contextmanager
-def _quiet_orbax():
-  """Orbax logs every file operation at INFO; keep the run's log readable."""
-  level = logging.get_verbosity()
-  logging.set_verbosity(logging.WARNING)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(level)
-
-
 def _manager(directory: str, *, create: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create,
                                          enable_async_checkpointing=False)
-  with _quiet_orbax():
+  with without_orbax_info():
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -102,7 +90,7 @@ def pretrain(key: jax.Array, extractor: nnx.Module, clips: np.ndarray, labels: n
   manager = _manager(directory, create=True)
   if manager.latest_step() is not None:
     step = manager.latest_step()
-    with _quiet_orbax():
+    with without_orbax_info():
       restored = manager.restore(step, args=ocp.args.Composite(
           train=ocp.args.StandardRestore(train), meta=ocp.args.JsonRestore()))
     _check_meta(restored["meta"], identity, directory)
@@ -126,13 +114,13 @@ def pretrain(key: jax.Array, extractor: nnx.Module, clips: np.ndarray, labels: n
     losses.append(float(loss))
     done = i + 1
     if done % config.checkpoint_every == 0 or done == config.steps:
-      with _quiet_orbax():
+      with without_orbax_info():
         manager.save(done, args=ocp.args.Composite(
             train=ocp.args.StandardSave(train),
             meta=ocp.args.JsonSave({**identity, "losses": losses})))
     if progress is not None:
       progress(done, config.steps, losses[-1])
-  with _quiet_orbax():
+  with without_orbax_info():
     manager.close()
   nnx.update(model, _with(param_state, train["params"]))
   return np.asarray(losses, np.float32)
@@ -159,7 +147,7 @@ def load_pretrained(extractor: nnx.Module, directory: str, *, identity: dict[str
   model = _Probe(extractor, frames, num_classes, rngs=nnx.Rngs(params=0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   template = {"params": params, "opt_state": optax.adam(1.0).init(params)}
-  with _quiet_orbax():
+  with without_orbax_info():
     restored = manager.restore(step, args=ocp.args.Composite(
         train=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
     manager.close()
