@@ -19,7 +19,6 @@ import subprocess
 import tempfile
 from typing import Any, Sequence
 
-import imageio_ffmpeg
 import numpy as np
 
 from vidleak_jax.data.checks import check_int
@@ -48,6 +47,8 @@ class VideoInfo:
 
 
 def _ffmpeg() -> list[str]:
+  import imageio_ffmpeg  # its ffmpeg binary is needed only to read/write video files
+
   return [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin"]
 
 
