@@ -25,7 +25,7 @@ from absl import app, flags
 
 from experiments.host_memory import host_mark, host_peak_since
 import vidleak_jax as vl
-from vidleak_jax.attack.config import BATCHING, CONVS
+from vidleak_jax.attack.config import BATCHING, CONVS, resolve_batching, resolve_conv
 
 NUM_CLASSES = 4
 
@@ -75,12 +75,33 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def _jax_peak_memory(mark: tuple[int, bool]) -> tuple[int, str]:
-  """(bytes, source): the device's peak_bytes_in_use if reported, else host peak-RSS growth."""
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"]), "peak_bytes_in_use"
+def _jax_peak_memory(compiled: Any, mark: tuple[int, bool]) -> tuple[int, str]:
+  """(bytes, source): the executable's own peak (arguments + outputs + temporaries, as XLA planned
+  it; the same on every backend and independent of earlier rows), else host peak-RSS growth."""
+  stats = compiled.memory_analysis()
+  peak = getattr(stats, "peak_memory_in_bytes", None)
+  if peak:
+    return int(peak), "xla_memory_analysis"
   return host_peak_since(mark)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """float32 GFLOP/s of one large n×n matmul on the default device: the roofline to compare with."""
+  a = jnp.ones((n, n), jnp.float32)
+  product = jax.jit(lambda m: m @ m)
+  jax.block_until_ready(product(a))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(product(a))
+  return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def candidate_step_flops(attack: Any, candidate: jax.Array) -> float:
+  """XLA's FLOP count of one candidate's objective value and gradient (the bulk of a step)."""
+  lowered = jax.jit(jax.value_and_grad(lambda x: attack.objective(x)[0])).lower(candidate)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", float("nan")))
 
 
 def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, int, int],
@@ -119,15 +140,18 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
     times.append(time.perf_counter() - start)
   if not bool(jnp.all(jnp.isfinite(metrics["loss"]))):
     _log(f"  warning: non-finite loss for {victim} R={restarts} {batching}")
-  peak, source = _jax_peak_memory(mark)
+  peak, source = _jax_peak_memory(compiled, mark)
+  flops = candidate_step_flops(attack, init_candidates[0])
 
   step_s = statistics.median(times) / steps_per_dispatch
   row = {
-      "victim": victim, "clip": list(clip), "restarts": restarts, "batching": batching, "conv": conv,
+      "victim": victim, "clip": list(clip), "restarts": restarts,
+      "batching": resolve_batching(batching), "conv": resolve_conv(conv),
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
       "compile_s": compile_s, "step_s": step_s, "steps_per_s": 1.0 / step_s,
       "candidate_steps_per_s": restarts / step_s,
       "jax_peak_mem_bytes": peak, "jax_peak_mem_source": source,
+      "candidate_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops * restarts / step_s / 1e9,
   }
   if vs == "torch":
     from experiments import torch_peer  # imports torch: only with --vs=torch
@@ -145,7 +169,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   """Rows as a markdown table (with the torch-peer columns when the rows have them)."""
   vs = any("torch_step_s" in r for r in rows)
   cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s", "step ms", "steps/s",
-          "cand. steps/s"]
+          "cand. steps/s", "GFLOP/s"]
   if vs:
     cols += ["torch mode", "torch 1st step s", "torch step ms", "torch cand. steps/s",
              "speedup", "JAX peak MB", "torch peak MB"]
@@ -153,7 +177,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   for r in rows:
     cells = [r["victim"], "x".join(map(str, r["clip"])), r["restarts"], r["batching"], r["conv"],
              r["backend"], f"{r['compile_s']:.2f}", f"{1e3 * r['step_s']:.2f}",
-             f"{r['steps_per_s']:.2f}", f"{r['candidate_steps_per_s']:.2f}"]
+             f"{r['steps_per_s']:.2f}", f"{r['candidate_steps_per_s']:.2f}",
+             f"{r['achieved_gflop_per_s']:.1f}"]
     if vs and "torch_step_s" in r:
       cells += [r["torch_mode"], f"{r['torch_compile_s']:.2f}", f"{1e3 * r['torch_step_s']:.2f}",
                 f"{r['torch_candidate_steps_per_s']:.2f}", f"{r['speedup']:.2f}x",
@@ -176,7 +201,8 @@ def main(argv: Sequence[str]) -> None:
     except ImportError:
       sys.exit(f"error: {_TORCH_MISSING}")
     _log(f"torch {torch.__version__}: {torch.get_num_threads()} threads")
-  _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clip={clip}")
+  _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clip={clip}; "
+       f"a 2048x2048 float32 matmul runs at {matmul_gflops():.0f} GFLOP/s")
   rows = []
   for victim in _VICTIMS.value:
     for r in restarts:
