@@ -2,13 +2,13 @@ r"""How much the feature pipeline leaks as the classifier grows: one table over 
 
   python -m experiments.feature_sweep --workdir=runs/feature_sweep
 
-On the same synthetic clips (one seed): the raw-frame attack (C3D victim, L-BFGS l2 gradient
+On the same synthetic clips (per seed of --seeds): the raw-frame attack (C3D victim, L-BFGS l2 gradient
 matching on pixels) and, for every head linear → mlp1 → mlp2 → mlp3 → conv1d → gru → transformer
 on one frozen, locally pre-trained extractor, the feature attack (stage 1: feature matching;
 stage 2: feature inversion through the extractor); `--end_to_end` adds the pixel attack through
 extractor + head. A last row inverts the true features (stage 2 alone: what a perfect stage 1
-would give). Writes <workdir>/<table_name>.md and .csv (atomically) and every run's
-directory <workdir>/<name>/. About 12 min on a 2-core CPU at the defaults (4×32×32 clips).
+would give). Writes <workdir>/<table_name>.md (mean ± std over seeds) and .csv (one line per
+seed), atomically, and every run's directory <workdir>/seed_<s>/<name>/. About 12 min on a 2-core CPU at the defaults (4×32×32 clips).
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ flags.DEFINE_string("workdir", "runs/feature_sweep", "Output directory.")
 flags.DEFINE_list("heads", list(heads.SWEEP_ORDER), "Heads, in order of complexity.")
 flags.DEFINE_string("extractor", "resnet_small", "Frozen extractor.")
 flags.DEFINE_list("clip_shape", ["4", "32", "32", "3"], "Clip shape T,H,W,C.")
-flags.DEFINE_integer("seed", 0, "Seed of clips, models and attacks.")
+flags.DEFINE_list("seeds", ["0"], "Seeds of clips, models and attacks; one table row per head "
+                  "with mean ± std over seeds (each seed in <workdir>/seed_<s>).")
+flags.DEFINE_bool("known_labels", False, "Give every attack the true labels (separates label "
+                  "recovery from feature recovery).")
 flags.DEFINE_integer("batch_size", 1, "Clips per client batch.", lower_bound=1)
 flags.DEFINE_integer("pretrain_steps", 300, "Extractor pre-training steps.", lower_bound=1)
 flags.DEFINE_integer("match_steps", 300, "Stage 1 (feature matching) steps.", lower_bound=1)
@@ -42,8 +45,10 @@ flags.DEFINE_string("results_dir", None, "Also write the table there (e.g. exper
 flags.DEFINE_string("table_name", "feature_sweep", "File name (no suffix) of the .md/.csv table.")
 FLAGS = flags.FLAGS
 
-COLUMNS = ("pipeline", "head", "head_params", "feature_rel_error", "feature_cosine", "psnr",
-           "ssim", "psnr_end_to_end", "label_accuracy")
+COLUMNS = ("pipeline", "head", "head_params", "feature_rel_error", "pooled_feature_rel_error",
+           "feature_cosine", "psnr", "ssim", "psnr_end_to_end", "label_accuracy", "seed")
+_AVERAGED = ("feature_rel_error", "pooled_feature_rel_error", "feature_cosine", "psnr", "ssim",
+             "psnr_end_to_end", "label_accuracy")
 
 
 def _pixel_attack(steps: int) -> attack.AttackConfig:
@@ -74,6 +79,7 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
     row = {"pipeline": f"features ({fc.extractor})", "head": head,
            "head_params": sum(int(np.size(p)) for p in jax.tree.leaves(params)),
            "feature_rel_error": out["feature_rel_error_mean"],
+           "pooled_feature_rel_error": out["pooled_feature_rel_error_mean"],
            "feature_cosine": out["feature_cosine_mean"], "psnr": out["psnr_mean"],
            "ssim": out["ssim_mean"], "label_accuracy": out["label_accuracy"]}
     if FLAGS.end_to_end:
@@ -96,7 +102,7 @@ def _oracle_row(cfg: runner.RunConfig, clips: np.ndarray) -> dict:
                                                                          np.float32),
                                          cfg.features.inversion)
   return {"pipeline": f"features ({cfg.features.extractor})", "head": "true features",
-          "feature_rel_error": 0.0, "feature_cosine": 1.0,
+          "feature_rel_error": 0.0, "pooled_feature_rel_error": 0.0, "feature_cosine": 1.0,
           "psnr": float(metrics.psnr(found.value, clips).mean()),
           "ssim": float(metrics.ssim(found.value, clips).mean())}
 
@@ -109,16 +115,57 @@ def _format(column: str, value) -> str:
   return str(value)
 
 
+def average_over_seeds(rows: list[dict]) -> list[dict]:
+  """One row per (pipeline, head), in first-seen order: `_AVERAGED` columns become (mean, std)
+  over the rows that have them (std 0 for one seed); "seed" lists the seeds."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    groups.setdefault((row["pipeline"], row["head"]), []).append(row)
+  out = []
+  for group in groups.values():
+    merged = {k: v for k, v in group[0].items() if k not in _AVERAGED}
+    for column in _AVERAGED:
+      values = [float(r[column]) for r in group if r.get(column) is not None]
+      if values:
+        merged[column] = (float(np.mean(values)), float(np.std(values)))
+    merged["seed"] = "/".join(str(r["seed"]) for r in group if "seed" in r) or None
+    out.append(merged)
+  return out
+
+
+def _cell(column: str, value) -> str:
+  if isinstance(value, tuple):
+    mean, std = value
+    return _format(column, mean) + (f" ± {_format(column, std)}" if std else "")
+  return _format(column, value)
+
+
 def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> None:
-  """<name>.md (markdown) and <name>.csv, each written atomically."""
+  """<name>.csv (one line per row: per seed) and <name>.md (mean ± std over seeds), atomically."""
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
   writer.writeheader()
   writer.writerows([{c: row.get(c, "") for c in COLUMNS} for row in rows])
   report.write_text(os.path.join(directory, f"{name}.csv"), buffer.getvalue())
   lines = [caption, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(_format(c, row.get(c)) for c in COLUMNS) + " |" for row in rows]
+  lines += ["| " + " | ".join(_cell(c, row.get(c)) for c in COLUMNS) + " |"
+            for row in average_over_seeds(rows)]
   report.write_text(os.path.join(directory, f"{name}.md"), "\n".join(lines) + "\n")
+
+
+def _base_config(workdir: str, seed: int, shape: tuple[int, ...]) -> runner.RunConfig:
+  """The sweep's settings for one seed (its own extractor, pre-trained with that seed)."""
+  defaults = features_pipeline.FeatureConfig()
+  return runner.RunConfig(
+      workdir=workdir, seed=seed, clip_shape=shape, batch_size=FLAGS.batch_size,
+      pipeline="features", attack=_pixel_attack(FLAGS.raw_steps), quiet=True,
+      known_labels=FLAGS.known_labels,
+      features=features_pipeline.FeatureConfig(
+          extractor=FLAGS.extractor,
+          extractor_dir=os.path.join(workdir, f"extractor_{FLAGS.extractor}"),
+          matching=dataclasses.replace(defaults.matching, steps=FLAGS.match_steps),
+          inversion=dataclasses.replace(defaults.inversion, steps=FLAGS.invert_steps),
+          pretrain=dataclasses.replace(defaults.pretrain, steps=FLAGS.pretrain_steps)))
 
 
 def main(argv):
@@ -130,30 +177,30 @@ def main(argv):
     shape = tuple(int(v) for v in FLAGS.clip_shape)
   except ValueError:
     raise app.UsageError(f"--clip_shape expects T,H,W,C, got {FLAGS.clip_shape}") from None
-  workdir = os.path.abspath(FLAGS.workdir)
   try:
-    base = runner.RunConfig(
-        workdir=workdir, seed=FLAGS.seed, clip_shape=shape, batch_size=FLAGS.batch_size,
-        pipeline="features", attack=_pixel_attack(FLAGS.raw_steps), quiet=True,
-        features=features_pipeline.FeatureConfig(
-            extractor=FLAGS.extractor,
-            extractor_dir=os.path.join(workdir, f"extractor_{FLAGS.extractor}"),
-            matching=dataclasses.replace(features_pipeline.FeatureConfig().matching,
-                                         steps=FLAGS.match_steps),
-            inversion=dataclasses.replace(features_pipeline.FeatureConfig().inversion,
-                                          steps=FLAGS.invert_steps),
-            pretrain=dataclasses.replace(features_pipeline.FeatureConfig().pretrain,
-                                         steps=FLAGS.pretrain_steps)))
+    seeds = [int(v) for v in FLAGS.seeds]
+  except ValueError:
+    raise app.UsageError(f"--seeds expects a comma list of integers, got {FLAGS.seeds}") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise app.UsageError(f"--seeds needs distinct integers, got {FLAGS.seeds}")
+  workdir = os.path.abspath(FLAGS.workdir)
+  rows = []
+  try:
     for head in FLAGS.heads:
       heads.HEADS.get(head)
-    rows = _rows(base, workdir)
+    for seed in seeds:
+      seed_dir = os.path.join(workdir, f"seed_{seed}")
+      base = _base_config(seed_dir, seed, shape)
+      rows += [dict(row, seed=seed) for row in _rows(base, seed_dir)]
   except (OSError, ValueError, KeyError) as e:
     sys.exit(f"error: {e}")
+  labels = "true labels given" if FLAGS.known_labels else "labels recovered"
   caption = (f"Feature-pipeline leakage vs classifier complexity: {FLAGS.extractor} extractor, "
-             f"synthetic clips {'×'.join(map(str, shape))}, B={FLAGS.batch_size}, seed "
-             f"{FLAGS.seed}; stage 1 feature matching ({FLAGS.match_steps} L-BFGS steps), stage 2 "
-             f"feature inversion ({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} "
-             f"L-BFGS steps.")
+             f"synthetic clips {'×'.join(map(str, shape))}, B={FLAGS.batch_size}, {labels}, "
+             f"seeds {'/'.join(map(str, seeds))} (mean ± std); stage 1 feature matching "
+             f"({FLAGS.match_steps} L-BFGS steps), stage 2 feature inversion "
+             f"({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} L-BFGS steps. "
+             f"pooled_feature_rel_error: error of the time-mean features.")
   for directory in {workdir, FLAGS.results_dir or workdir}:
     write_tables(rows, directory, FLAGS.table_name, caption)
   print(open(os.path.join(workdir, f"{FLAGS.table_name}.md"), encoding="utf-8").read())

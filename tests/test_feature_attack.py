@@ -91,6 +91,14 @@ def test_feature_errors_follow_the_formulas():
   errors = fa.feature_errors(-truth, truth)
   assert errors["feature_rel_error"] == pytest.approx([2.0])
   assert errors["feature_cosine"] == pytest.approx([-1.0])
+  # Frames that differ from the truth but keep its time mean: only the full-matrix error sees it.
+  shifted = truth + np.array([1.0, -1.0]).reshape(1, 2, 1)
+  errors = fa.feature_errors(shifted, truth)
+  assert errors["pooled_feature_rel_error"] == pytest.approx([0.0], abs=1e-12)
+  assert errors["feature_rel_error"] == pytest.approx([np.sqrt(6.0) / np.linalg.norm(truth)])
+  means = truth.mean(axis=1)
+  assert fa.feature_errors(truth + 1.0, truth)["pooled_feature_rel_error"] == pytest.approx(
+      [np.sqrt(3.0) / np.linalg.norm(means)])
 
 
 TINY = ["--pipeline=features", "--extractor=resnet_small", "--clip_shape=2,16,16,3",
@@ -156,8 +164,16 @@ def test_sweep_table_is_written_as_markdown_and_csv(tmp_path):
   assert lines[0].split(",") == list(feature_sweep.COLUMNS)
   assert lines[2].split(",")[:5] == ["features (resnet_small)", "gru", "25028", "0.0123456", ""]
   markdown = (tmp_path / "table.md").read_text()
-  assert "| frames (C3D) | - | - | - | - | 30.42 | 0.925 |" in markdown
+  assert "| frames (C3D) | - | - | - | - | - | 30.42 | 0.925 |" in markdown
   assert "| 0.01235 |" in markdown
+  # Several seeds: the csv keeps one line per seed, the markdown shows mean ± std per head.
+  seeded = [dict(rows[1], seed=0, feature_rel_error=0.1),
+            dict(rows[1], seed=1, feature_rel_error=0.3)]
+  feature_sweep.write_tables(seeded, str(tmp_path), "seeds", "caption")
+  assert len((tmp_path / "seeds.csv").read_text().splitlines()) == 3
+  markdown = (tmp_path / "seeds.md").read_text()
+  assert "| gru | 25028 | 0.2 ± 0.1 | - | - | 14.40 |" in markdown
+  assert markdown.rstrip().endswith("| 0/1 |")
   assert [p.name for p in tmp_path.iterdir()] and not any(
       p.name.endswith(".tmp") for p in tmp_path.iterdir())
 

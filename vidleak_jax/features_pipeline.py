@@ -259,6 +259,7 @@ def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray
   out: dict[str, Any] = feature_attack.feature_errors(rec["features"][perm], true_features)
   out["feature_rel_error_mean"] = float(np.mean(out["feature_rel_error"]))
   out["feature_cosine_mean"] = float(np.mean(out["feature_cosine"]))
+  out["pooled_feature_rel_error_mean"] = float(np.mean(out["pooled_feature_rel_error"]))
   out.update(pipeline="features", extractor=cfg.features.extractor, head=cfg.features.head,
              feature_attack=cfg.features.attack)
   return out

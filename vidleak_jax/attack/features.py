@@ -151,10 +151,17 @@ def invert_features(extract: Callable[[jax.Array], jax.Array], target: jax.Array
 
 
 def feature_errors(estimate: jax.Array, truth: jax.Array) -> dict[str, list[float]]:
-  """Per clip ||F̂ − F|| / ||F|| and cosine(F̂, F) of feature matrices [B,T,D] (host floats)."""
-  est = np.asarray(estimate, np.float64).reshape(len(truth), -1)
-  ref = np.asarray(truth, np.float64).reshape(len(truth), -1)
-  norm = np.maximum(np.linalg.norm(ref, axis=1), 1e-12)
-  rel = np.linalg.norm(est - ref, axis=1) / norm
-  cos = (est * ref).sum(axis=1) / np.maximum(np.linalg.norm(est, axis=1) * norm, 1e-12)
-  return {"feature_rel_error": rel.tolist(), "feature_cosine": cos.tolist()}
+  """Per clip ||F̂ − F|| / ||F|| and cosine(F̂, F) of feature matrices [B,T,D], and the relative
+  error of their time means [B,D] (all a head that pools over time can reveal); host floats."""
+  est = np.asarray(estimate, np.float64).reshape(len(truth), -1, np.shape(truth)[-1])
+  ref = np.asarray(truth, np.float64).reshape(est.shape)
+
+  def rel_error(a, b):
+    a, b = a.reshape(len(b), -1), b.reshape(len(b), -1)
+    return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+
+  flat_est, flat_ref = est.reshape(len(ref), -1), ref.reshape(len(ref), -1)
+  norms = np.linalg.norm(flat_est, axis=1) * np.linalg.norm(flat_ref, axis=1)
+  cos = (flat_est * flat_ref).sum(axis=1) / np.maximum(norms, 1e-12)
+  return {"feature_rel_error": rel_error(est, ref).tolist(), "feature_cosine": cos.tolist(),
+          "pooled_feature_rel_error": rel_error(est.mean(axis=1), ref.mean(axis=1)).tolist()}
