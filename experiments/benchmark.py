@@ -41,6 +41,10 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed dispatches per configuration.",
 _STEPS_PER_DISPATCH = flags.DEFINE_integer(
     "steps_per_dispatch", 1, "Optimizer steps per jitted dispatch (AttackConfig.log_every).",
     lower_bound=1)
+_PRECISION = flags.DEFINE_enum(
+    "matmul_precision", "highest", ["default", "high", "highest"],
+    "float32 matmul/conv precision on both sides (the runner's default is highest; 'default' "
+    "lets GPUs use TF32).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for the victim, data and candidates.")
 _VS = flags.DEFINE_enum("vs", "none", ["none", "torch"],
                         "Also time a peer implementation on the identical setup: none or torch.")
@@ -106,7 +110,8 @@ def candidate_step_flops(attack: Any, candidate: jax.Array) -> float:
 
 def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, int, int],
               steps: int, steps_per_dispatch: int, seed: int, vs: str = "none",
-              torch_mode: str = "auto", conv: str = "auto") -> dict[str, Any]:
+              torch_mode: str = "auto", conv: str = "auto", precision: str = "highest"
+              ) -> dict[str, Any]:
   """Compiles and times `attack.run` for one victim × R × batching; returns one result row.
 
   With `vs="torch"` the PyTorch peer is timed on the same params, target and initial candidates.
@@ -127,7 +132,8 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   n = jnp.asarray(steps_per_dispatch, jnp.int32)
 
   start = time.perf_counter()
-  compiled = jax.jit(attack.run).lower(state, n).compile()
+  with jax.default_matmul_precision(precision):
+    compiled = jax.jit(attack.run).lower(state, n).compile()
   compile_s = time.perf_counter() - start
 
   mark = host_mark()  # host peak memory of the runs (warm-up included), not of the compile
@@ -145,7 +151,7 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
 
   step_s = statistics.median(times) / steps_per_dispatch
   row = {
-      "victim": victim, "clip": list(clip), "restarts": restarts,
+      "victim": victim, "clip": list(clip), "restarts": restarts, "matmul_precision": precision,
       "batching": resolve_batching(batching), "conv": resolve_conv(conv),
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
       "compile_s": compile_s, "step_s": step_s, "steps_per_s": 1.0 / step_s,
@@ -156,6 +162,7 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   if vs == "torch":
     from experiments import torch_peer  # imports torch: only with --vs=torch
 
+    torch_peer.set_float32_precision(precision)
     peer = torch_peer.make_torch_attack(victim, params, tuple(clips.shape), target, labels,
                                         init_candidates, config, mode=torch_mode)
     row.update(torch_peer.time_torch_attack(peer, steps, steps_per_dispatch))
@@ -209,7 +216,7 @@ def main(argv: Sequence[str]) -> None:
       for batching, conv in itertools.product(batchings, convs):
         _log(f"[{victim} R={r} batching={batching} conv={conv}] compiling + timing ...")
         row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
-                        _SEED.value, _VS.value, _TORCH_MODE.value, conv)
+                        _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value)
         _log(f"  compile {row['compile_s']:.2f}s, step {1e3 * row['step_s']:.2f}ms, "
              f"{row['candidate_steps_per_s']:.2f} candidate steps/s")
         if "torch_step_s" in row:

@@ -86,6 +86,9 @@ flags.DEFINE_integer("png_scale", 4, "Integer upscaling of frames in PNG/GIF out
                      lower_bound=1)
 flags.DEFINE_float("gif_fps", 4.0, "Frames per second of comparison.gif.", lower_bound=0.1)
 flags.DEFINE_bool("quiet", False, "No progress bar (batch jobs).")
+flags.DEFINE_enum("matmul_precision", "highest", list(runner.MATMUL_PRECISIONS),
+                  "Precision of float32 matmuls/convolutions (jax.default_matmul_precision); "
+                  "'default' lets GPUs use faster TF32 passes.")
 flags.DEFINE_integer("checkpoint_every", 1, "Save the attack's progress in <workdir>/checkpoints "
                      "every n dispatches (of --log_every steps); rerunning resumes.", lower_bound=1)
 # Multi-host (jax.distributed): the same command on every process; process 0 writes the outputs.
@@ -133,8 +136,10 @@ def config_from_flags() -> runner.RunConfig:
         clip_shape=_ints("clip_shape", FLAGS.clip_shape, 4), batch_size=FLAGS.batch_size,
         num_classes=FLAGS.num_classes, victim=FLAGS.victim, victim_kwargs=victim_kwargs,
         update=FLAGS.update, local_steps=FLAGS.local_steps, local_lr=FLAGS.local_lr,
-        known_labels=FLAGS.known_labels, gradients=FLAGS.gradients, attack=attack_config, png_scale=FLAGS.png_scale,
+        known_labels=FLAGS.known_labels, gradients=FLAGS.gradients, attack=attack_config,
+        png_scale=FLAGS.png_scale,
         gif_fps=FLAGS.gif_fps, quiet=FLAGS.quiet, checkpoint_every=FLAGS.checkpoint_every,
+        matmul_precision=FLAGS.matmul_precision,
         **feature_flags.run_config_kwargs(),
         **sr_flags.run_config_kwargs())
   except (KeyError, ValueError) as e:

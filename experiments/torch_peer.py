@@ -236,6 +236,13 @@ class TorchAttack:
     return loss.detach()
 
 
+def set_float32_precision(precision: str) -> None:
+  """Mirror of jax.default_matmul_precision for the peer: "highest" turns TF32 off in CUDA matmuls
+  and cuDNN convolutions; "default"/"high" restore PyTorch's defaults (TF32 convolutions only)."""
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = precision != "highest"
+
+
 def make_torch_attack(victim: str, jax_params: Any, clip_shape: Sequence[int], target_grads: Any,
                       labels: Any, candidates: Any, config: AttackConfig | None = None,
                       mode: str = "auto", device: str | None = None,

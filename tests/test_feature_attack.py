@@ -83,6 +83,25 @@ def test_feature_inversion_recovers_clips_through_an_injective_extractor():
   assert float(found.value.min()) >= 0.0 and float(found.value.max()) <= 1.0
 
 
+def test_recovered_features_are_matched_to_the_closest_true_clip():
+  truth = np.random.default_rng(0).normal(size=(4, 3, 5))
+  order = np.array([2, 0, 3, 1])
+  estimate = truth[order] + 0.01  # estimate[k] ~ truth[order[k]]
+  perm = fa.match_features_to_truth(estimate, truth)
+  np.testing.assert_array_equal(order[perm], np.arange(4))  # estimate[perm[i]] ~ truth[i]
+  assert max(fa.feature_errors(estimate[perm], truth)["feature_rel_error"]) < 0.05
+  estimate[1] = np.nan  # a diverged clip is matched last, not everywhere
+  assert sorted(fa.match_features_to_truth(estimate, truth).tolist()) == [0, 1, 2, 3]
+
+
+def test_evaluate_uses_a_given_assignment():
+  truth = np.random.default_rng(1).uniform(size=(2, 2, 8, 8, 3)).astype(np.float32)
+  scores = vl.metrics.evaluate(truth[::-1], truth, assignment=[1, 0])
+  assert scores["assignment"] == [1, 0] and min(scores["psnr"]) >= 100  # identical: capped
+  with pytest.raises(ValueError, match="permutation"):
+    vl.metrics.evaluate(truth, truth, assignment=[0, 0])
+
+
 def test_feature_errors_follow_the_formulas():
   truth = np.arange(1.0, 7.0).reshape(1, 2, 3)
   errors = fa.feature_errors(2.0 * truth, truth)

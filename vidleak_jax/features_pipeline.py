@@ -247,16 +247,19 @@ def stage_attack(cfg, captured=None) -> None:
       history_features=np.asarray(feature_history))
 
 
-def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray],
-                    assignment) -> dict[str, Any]:
-  """Eval side: feature-space error of the recovered features (matched like the clips)."""
+def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray]
+                    ) -> dict[str, Any]:
+  """Eval side: feature-space error of the recovered features [B,T,D], each matched to the true
+  clip whose features it is closest to (Hungarian on relative error); `feature_assignment` [B]
+  says which (recovered clip feature_assignment[i] ~ true clip i)."""
   if "features" not in rec:
     raise ValueError("reconstruction.npz holds no recovered features: rerun the 'attack' stage "
                      "with --pipeline=features")
   module = _extractor(cfg)
-  true_features = jax.jit(extractors.frozen(module))(jnp.asarray(truth["clips"]))
-  perm = np.asarray(assignment)
+  true_features = np.asarray(jax.jit(extractors.frozen(module))(jnp.asarray(truth["clips"])))
+  perm = feature_attack.match_features_to_truth(rec["features"], true_features)
   out: dict[str, Any] = feature_attack.feature_errors(rec["features"][perm], true_features)
+  out["feature_assignment"] = [int(i) for i in perm]
   out["feature_rel_error_mean"] = float(np.mean(out["feature_rel_error"]))
   out["feature_cosine_mean"] = float(np.mean(out["feature_cosine"]))
   out["pooled_feature_rel_error_mean"] = float(np.mean(out["pooled_feature_rel_error"]))

@@ -154,13 +154,15 @@ def evaluate(
     rec_labels: Array | None = None,
     true_labels: Array | None = None,
     match: bool = True,
+    assignment: Array | None = None,
 ) -> dict[str, Any]:
   """Scores reconstructions [B, T, H, W, C] against ground truth; returns a JSON-serialisable dict.
 
   With match=True the reconstructed clips (and rec_labels) are first reordered
   by match_to_ground_truth, so clip i of every per-clip list compares
   rec_clips[assignment[i]] with true_clips[i]; with match=False the assignment
-  is the identity. label_accuracy is None unless both label arrays ([B]) are
+  is the identity; an explicit `assignment` [B] (e.g. matched in another space) is used as given.
+  label_accuracy is None unless both label arrays ([B]) are
   given. Host function, not jittable.
   """
   rec_clips, true_clips = _check_clips(rec_clips, true_clips, "rec_clips", "true_clips")
@@ -173,7 +175,14 @@ def evaluate(
       if lab.ndim < 1 or lab.shape[0] != b:
         raise ValueError(f"{name} must have shape [B] = [{b}], got {tuple(lab.shape)}")
 
-  perm = match_to_ground_truth(rec_clips, true_clips) if match else np.arange(b, dtype=np.int64)
+  if assignment is not None:
+    perm = np.asarray(assignment, np.int64)
+    if sorted(perm.tolist()) != list(range(b)):
+      raise ValueError(f"assignment must be a permutation of 0..{b - 1}, got {perm.tolist()}")
+  elif match:
+    perm = match_to_ground_truth(rec_clips, true_clips)
+  else:
+    perm = np.arange(b, dtype=np.int64)
   rec_clips = rec_clips[jnp.asarray(perm)]
   acc = None
   if rec_labels is not None:

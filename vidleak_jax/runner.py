@@ -44,6 +44,9 @@ from vidleak_jax.sr import stage as sr_stage
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 
 STAGES = ("pretrain", "data", "attack", "sr", "eval")  # pretrain: feature pipeline only
+# jax.default_matmul_precision values; "highest" keeps float32 products exact to float32 on GPUs
+# (their "default" may use TF32 passes, which blurs the gradients an attack matches).
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +76,7 @@ class RunConfig:
   gif_fps: float = 4.0
   quiet: bool = False
   checkpoint_every: int = 1  # dispatches (of attack.log_every steps) between checkpoints
+  matmul_precision: str = "highest"  # float32 dots/convs: "default" allows TF32/bf16 passes on GPU
   pipeline: str = "frames"  # or "features": frozen extractor + trained head
   features: features_pipeline.FeatureConfig = features_pipeline.FeatureConfig()
   sr: sr_stage.SRConfig = sr_stage.SRConfig()  # the sr stage runs only when sr.method != "none"
@@ -89,6 +93,9 @@ class RunConfig:
       raise ValueError("--frame_stride must be >= 1 and --references >= 0")
     if self.checkpoint_every < 1:
       raise ValueError(f"--checkpoint_every must be >= 1 (dispatches), got {self.checkpoint_every}")
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"--matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
+                       f"{self.matmul_precision!r}")
     if self.update not in ("fedsgd", "fedavg"):
       raise ValueError(f"--update must be fedsgd or fedavg, got {self.update!r}")
     if self.sr.method not in ("none", "bicubic", "lanczos3") and self.clip_shape[3] != 3:
@@ -199,8 +206,13 @@ def stage_eval(cfg: RunConfig) -> dict[str, Any]:
   """Scores the reconstruction against the private batch; writes metrics.json and pictures."""
   truth = _require(cfg, "data.npz", "data")
   rec = _require(cfg, "reconstruction.npz", "attack")
+  feature_result = {}
+  if cfg.pipeline == "features":  # the attack recovers features: clips follow their matching
+    feature_result = features_pipeline.feature_metrics(cfg, rec, truth)
   result = metrics.evaluate(rec["clips"], truth["clips"], rec_labels=rec["labels"],
-                            true_labels=truth["labels"])
+                            true_labels=truth["labels"],
+                            assignment=feature_result.get("feature_assignment"))
+  result.update(feature_result)
   perm = np.asarray(result["assignment"])
   init_psnr = metrics.psnr(rec["init_clips"][perm], truth["clips"])
   result.update(psnr_init=[float(v) for v in init_psnr], psnr_init_mean=float(init_psnr.mean()),
@@ -211,8 +223,6 @@ def stage_eval(cfg: RunConfig) -> dict[str, Any]:
                             np.concatenate([truth["clips"]] * len(snapshots)))
   result["curve"] = {"step": rec["snapshot_steps"], "objective": rec["snapshot_objectives"],
                      "psnr": np.asarray(curve_psnr).reshape(len(snapshots), -1).mean(axis=1)}
-  if cfg.pipeline == "features":
-    result.update(features_pipeline.feature_metrics(cfg, rec, truth, perm))
   result.update(sr_stage.perceptual_scores(rec["clips"][perm], truth["clips"]))
   if cfg.sr.method != "none":
     result["sr_metrics"] = sr_stage.sr_metrics(cfg, perm, truth["clips"], rec["clips"])
@@ -267,6 +277,14 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, 
   if _is_writer():
     os.makedirs(cfg.workdir, exist_ok=True)
     report.write_json(_path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
+  with jax.default_matmul_precision(cfg.matmul_precision):
+    result = _run_stages(cfg, captured)
+  if "eval" in cfg.stages and _is_writer():
+    logging.info("report: %s", html_report.write_run_report(cfg.workdir))
+  return result
+
+
+def _run_stages(cfg: RunConfig, captured) -> dict[str, Any] | None:
   result = None
   for stage in STAGES:
     if stage not in cfg.stages:
@@ -281,6 +299,4 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None) -> dict[str, 
       logging.info("stage %s done in %.1fs", stage, time.perf_counter() - start)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"vidleak_jax stage {stage}")
-  if "eval" in cfg.stages and _is_writer():
-    logging.info("report: %s", html_report.write_run_report(cfg.workdir))
   return result

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy.optimize import linear_sum_assignment
 
 from vidleak_jax.attack.objectives import gradient_matching_loss, leaf_paths
 from vidleak_jax.attack.optimizers import make_optimizer
@@ -148,6 +149,18 @@ def invert_features(extract: Callable[[jax.Array], jax.Array], target: jax.Array
   """Stage 2: clips [B,T,H,W,C] in [0, 1], from `init_clips`, whose features match `target`."""
   objective = feature_inversion_objective(extract, jnp.asarray(target, jnp.float32), config)
   return optimise(objective, jnp.asarray(init_clips, jnp.float32), config, box=(0.0, 1.0))
+
+
+def match_features_to_truth(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
+  """perm [B] minimising the summed relative error, estimate[perm[i]] ~ truth[i] ([B,T,D] each)."""
+  est = np.asarray(estimate, np.float64).reshape(len(truth), -1)
+  ref = np.asarray(truth, np.float64).reshape(len(truth), -1)
+  cost = np.linalg.norm(est[None, :] - ref[:, None], axis=-1) / np.maximum(
+      np.linalg.norm(ref, axis=1, keepdims=True), 1e-12)  # [true, estimate]
+  rows, cols = linear_sum_assignment(np.where(np.isfinite(cost), cost, 1e30))
+  perm = np.empty_like(cols)
+  perm[rows] = cols
+  return perm.astype(np.int64)
 
 
 def feature_errors(estimate: jax.Array, truth: jax.Array) -> dict[str, list[float]]:
