@@ -109,7 +109,7 @@ def test_pretrain_reduces_the_loss_and_resumes_exactly(tmp_path):
                                   num_classes=4)
   assert meta["step"] == 40
   np.testing.assert_array_equal(np.asarray(loaded(probe)), np.asarray(whole_module(probe)))
-  with pytest.raises(ValueError, match="different extractor"):
+  with pytest.raises(ValueError, match=r"holds another model \(differs in extractor"):
     pretrain.load_pretrained(loaded, str(tmp_path / "whole"), frames=3, num_classes=4,
                              identity={**identity, "extractor": "resnet_small"})
   with pytest.raises(FileNotFoundError, match="run the 'pretrain' stage"):

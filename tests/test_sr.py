@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import vidleak_jax as vl
-from vidleak_jax import metrics, report, runner
+from vidleak_jax import metrics, report, runner, training
 from vidleak_jax.data import synthetic
 from vidleak_jax.metrics_lpips import lpips
 from vidleak_jax.sr import apply, methods, models, stage, train
@@ -76,18 +76,17 @@ def test_interrupted_training_resumes_to_the_same_model(tmp_path, monkeypatch):
   new = lambda: models.create_model("edsr", jax.random.key(0), scale=2)
   full, full_losses = train.fit(key, new(), pairs, steps=12, batch_size=4,
                                 checkpoint_dir=str(tmp_path / "a"), save_every=6)
-  original_save = train.save
+  original_save = training.save
 
   def save_then_crash(manager, step, *args):
     original_save(manager, step, *args)
-    manager.wait_until_finished()
     raise KeyboardInterrupt(f"stopped after step {step}")
 
-  monkeypatch.setattr(train, "save", save_then_crash)
+  monkeypatch.setattr(training, "save", save_then_crash)
   with pytest.raises(KeyboardInterrupt, match="step 6"):
     train.fit(key, new(), pairs, steps=12, batch_size=4, checkpoint_dir=str(tmp_path / "b"),
               save_every=6)
-  monkeypatch.setattr(train, "save", original_save)
+  monkeypatch.setattr(training, "save", original_save)
   resumed, resumed_losses = train.fit(key, new(), pairs, steps=12, batch_size=4,
                                       checkpoint_dir=str(tmp_path / "b"), save_every=6)
   np.testing.assert_array_equal(full_losses, resumed_losses)
@@ -155,7 +154,7 @@ def test_bad_inputs_name_the_setting(tmp_path):
                       checkpoint_dir=checkpoint)
   setup = methods.SRSetup(methods.SRConfig(method="edsr", checkpoint=checkpoint), 2,
                           np.zeros((0, 8, 8, 3)))
-  with pytest.raises(ValueError, match="--sr_checkpoint .* holds .*'espcn'"):
+  with pytest.raises(ValueError, match="--sr_checkpoint=.* holds another model .*'espcn'"):
     methods.SR_METHODS.get("edsr")(jax.random.key(0), setup)
 
 

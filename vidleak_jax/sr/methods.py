@@ -29,6 +29,7 @@ Upscaler = Callable[[jax.Array], jax.Array]
 # simulate(key) -> (low-res attack outputs [B,T,h,w,C], their ground truth [B,T,H,W,C])
 Simulator = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
 GENERIC_SIZE = 32  # side of the generic training frames (divisible by every SR scale)
+GENERIC_SEED = 0  # generic networks are one fixed artifact, whatever the run's seed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,20 +91,20 @@ def _lanczos3(key: jax.Array, setup: SRSetup) -> Upscaler:
   return lambda clips: apply.lanczos3(clips, setup.scale)
 
 
-def generic_model(key: jax.Array, setup: SRSetup, name: str):
-  """The generic network `name`: restored from / trained into `config.checkpoint`."""
-  cfg, steps = setup.config, setup.config.steps
-  if cfg.checkpoint is not None:
-    meta = train.read_metadata(cfg.checkpoint)
-    if meta is not None:
-      want = {"model": name, "scale": setup.scale, "temporal_radius": cfg.temporal_radius}
-      have = {k: meta.get(k) for k in want}
-      if have != want:
-        raise ValueError(f"--sr_checkpoint {cfg.checkpoint!r} holds {have}, expected {want}")
-      steps = int(meta["steps"])  # a saved model is used (or finished) as it was trained
-  model, _ = train.train_generic(key, name, scale=setup.scale, size=GENERIC_SIZE, frames=4,
-                                 steps=steps, temporal_radius=cfg.temporal_radius,
-                                 checkpoint_dir=cfg.checkpoint)
+def generic_model(setup: SRSetup, name: str):
+  """The generic network `name`: trained into, resumed from or loaded from `config.checkpoint`.
+
+  Its weights depend only on (name, scale, temporal radius, steps), not on the run's seed or SR
+  method, so one checkpoint serves every run that shares them.
+  """
+  cfg = setup.config
+  try:
+    model, _ = train.train_generic(jax.random.key(GENERIC_SEED), name, scale=setup.scale,
+                                   size=GENERIC_SIZE, frames=4, steps=cfg.steps,
+                                   temporal_radius=cfg.temporal_radius,
+                                   checkpoint_dir=cfg.checkpoint)
+  except ValueError as e:
+    raise ValueError(f"--sr_checkpoint={cfg.checkpoint}: {e}") from None
   return model
 
 
@@ -114,7 +115,8 @@ def _network(model, setup: SRSetup) -> Upscaler:
 
 def _generic(name: str) -> Callable[[jax.Array, SRSetup], Upscaler]:
   def build(key: jax.Array, setup: SRSetup) -> Upscaler:
-    return _network(generic_model(key, setup, name), setup)
+    del key  # the generic network is the same for every run
+    return _network(generic_model(setup, name), setup)
   return build
 
 
@@ -136,8 +138,7 @@ def _adapted(key: jax.Array, setup: SRSetup) -> Upscaler:
   if len(setup.references) == 0:
     raise ValueError("--sr=adapted needs the attacker's reference frames: rerun the 'data' "
                      "stage with --references=k (k >= 1)")
-  generic_key, fit_key = jax.random.split(key)
-  model = adapt(fit_key, generic_model(generic_key, setup, setup.config.model),
+  model = adapt(key, generic_model(setup, setup.config.model),
                 setup.references, scale=setup.scale, steps=setup.config.finetune_steps,
                 temporal_radius=setup.config.temporal_radius)
   return with_background_detail(_network(model, setup), setup.references, setup.scale)
@@ -158,12 +159,12 @@ def with_background_detail(upscale: Upscaler, references: np.ndarray, scale: int
 def _restoration(key: jax.Array, setup: SRSetup) -> Upscaler:
   if setup.simulate is None:
     raise ValueError("--sr=restoration needs the victim and attack settings to simulate attacks")
-  generic_key, sim_key, fit_key = jax.random.split(key, 3)
+  sim_key, fit_key = jax.random.split(key)
   lows, highs = zip(*(setup.simulate(k) for k in
                       jax.random.split(sim_key, setup.config.simulations)))
   pairs = train.pairs_from_clips(jnp.concatenate(lows), jnp.concatenate(highs),
                                  temporal_radius=setup.config.temporal_radius)
-  model = generic_model(generic_key, setup, setup.config.model)
+  model = generic_model(setup, setup.config.model)
   model = train.fit(fit_key, model, pairs, steps=setup.config.finetune_steps,
                     learning_rate=5e-4)[0]
   return _network(model, setup)

@@ -1,0 +1,145 @@
+"""The resumable training loop behind the extractor pre-training and the SR networks.
+
+`train(loss_fn, params, optimizer, steps=...)` runs `optimizer` on `loss_fn(params, step)`, whose
+minibatch the caller draws from (key, step), so a run resumed from a checkpoint ends exactly as an
+uninterrupted one. With a `directory`, orbax checkpoints there hold {"params", "opt_state"} and
+JSON metadata: the caller's `identity` (what was trained, on what) and the loss of every step so
+far. The identity is compared before any array is restored, so a directory of another model is
+refused with a message naming both.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from vidleak_jax.logging_io import without_orbax_info
+
+LossFn = Callable[[Any, jax.Array], jax.Array]  # (params, step int32[]) -> loss []
+
+
+def _manager(directory: str, *, create: bool) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create,
+                                         enable_async_checkpointing=False)
+  with without_orbax_info():
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest checkpoint's step under `directory`, or None when there is none."""
+  if not os.path.isdir(directory):
+    return None
+  manager = _manager(directory, create=False)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def read_metadata(directory: str) -> dict[str, Any] | None:
+  """The newest checkpoint's JSON metadata (plus "step"), or None when there is none."""
+  step = latest_step(directory)
+  if step is None:
+    return None
+  manager = _manager(directory, create=False)
+  try:
+    with without_orbax_info():
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # orbax raises many types for unreadable or foreign directories
+    raise ValueError(f"checkpoint directory {directory!r} is unreadable or was not written by "
+                     f"vidleak_jax ({type(e).__name__}: {e})") from None
+  finally:
+    manager.close()
+  return {**dict(meta), "step": int(step)}
+
+
+def check_identity(meta: dict[str, Any], identity: dict[str, Any], directory: str) -> None:
+  """ValueError unless the checkpoint's metadata holds exactly `identity`."""
+  stored = {k: meta.get(k) for k in identity}
+  if stored != identity:
+    differ = sorted(k for k in identity if stored[k] != identity[k])
+    raise ValueError(f"checkpoint directory {directory!r} holds another model (differs in "
+                     f"{', '.join(differ)}: {stored} vs expected {identity}); use another "
+                     f"directory or delete it")
+
+
+def restore(directory: str, like: dict[str, Any], identity: dict[str, Any], steps: int | None
+            ) -> tuple[dict[str, Any], list[float], int]:
+  """(state shaped like `like`, losses so far, step) of the newest checkpoint, identity checked.
+
+  With `steps`, a checkpoint beyond it is refused (it would hand back a longer-trained model).
+  """
+  meta = read_metadata(directory)
+  if meta is None:
+    raise FileNotFoundError(f"no checkpoint under {directory!r}")
+  check_identity(meta, identity, directory)
+  step = meta["step"]
+  if steps is not None and step > steps:
+    raise ValueError(f"checkpoint directory {directory!r} holds a model trained for {step} "
+                     f"steps, more than the {steps} asked for; ask for >= {step} steps or use "
+                     f"another directory")
+  manager = _manager(directory, create=False)
+  try:
+    with without_orbax_info():
+      state = manager.restore(step, args=ocp.args.Composite(
+          train=ocp.args.StandardRestore(like)))["train"]
+  except Exception as e:
+    raise ValueError(f"checkpoint directory {directory!r} does not fit this model "
+                     f"({type(e).__name__}: {e})") from None
+  finally:
+    manager.close()
+  return state, [float(v) for v in meta.get("losses", [])][:step], step
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any],
+         meta: dict[str, Any]) -> None:
+  """One checkpoint: `state` arrays and `meta` JSON at `step`."""
+  with without_orbax_info():
+    manager.save(step, args=ocp.args.Composite(train=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave(meta)))
+
+
+def train(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation, *, steps: int,
+          directory: str | None = None, identity: dict[str, Any] | None = None,
+          save_every: int = 100,
+          progress: Callable[[int, int, float], None] | None = None) -> tuple[Any, np.ndarray]:
+  """`steps` optimizer steps on `loss_fn`; returns (params, float32 losses[steps]).
+
+  With `directory`: resumes from its newest checkpoint (same `identity` required), saves every
+  `save_every` steps and at the end. `progress(done, steps, loss)` is called after every step.
+  """
+  if steps < 1 or save_every < 1:
+    raise ValueError(f"steps and save_every must be >= 1, got {steps} and {save_every}")
+  identity = dict(identity or {})
+  state = {"params": params, "opt_state": optimizer.init(params)}
+  losses: list[float] = []
+  if directory is not None and latest_step(directory) is not None:
+    state, losses, _ = restore(directory, state, identity, steps)
+
+  @jax.jit
+  def step_fn(state, step):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], step)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
+      updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+  manager = None if directory is None else _manager(directory, create=True)
+  try:
+    for i in range(len(losses), steps):
+      state, loss = step_fn(state, jnp.int32(i))
+      losses.append(float(loss))
+      done = i + 1
+      if manager is not None and (done % save_every == 0 or done == steps):
+        save(manager, done, state, {**identity, "losses": losses})
+      if progress is not None:
+        progress(done, steps, losses[-1])
+  finally:
+    if manager is not None:
+      manager.close()
+  return state["params"], np.asarray(losses, np.float32)
