@@ -189,6 +189,17 @@ def _assert_same_outputs(workdir, reference):
 
 
 @pytest.mark.slow
+def test_eta_leaves_out_the_compile_time(tmp_path, monkeypatch):
+  clock = iter([100.0, 130.0])  # AttackLog's start, then the first dispatch's end
+  monkeypatch.setattr(logging_io.time, "perf_counter", lambda: next(clock))
+  with logging_io.AttackLog(str(tmp_path), quiet=True) as log:
+    log(0, 10, {"loss": 1.0, "resumed_from": 0})
+    log(2, 10, {"loss": 1.0, "objective_mean": 1.0, "grad_match": 1.0, "resumed_from": 0,
+                "compile_s": 20.0})  # 30 s so far: 20 compiling, 10 for 2 steps
+  line = json.loads((tmp_path / "metrics.jsonl").read_text())
+  assert line["wall_s"] == 30.0 and line["eta_s"] == pytest.approx(40.0)  # 8 steps x 5 s
+
+
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
   workdir = tmp_path / "run"
   killed = _interrupt_after_first_checkpoint(workdir, signal.SIGKILL)

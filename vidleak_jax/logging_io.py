@@ -106,7 +106,8 @@ class AttackLog:
     if done >= total:
       self._bar.close()
     elapsed = time.perf_counter() - self._clock
-    eta = elapsed / (done - self._start_step) * (total - done)
+    running = max(elapsed - info.get("compile_s", 0.0), 1e-9)  # the steps' time, not compiling
+    eta = running / (done - self._start_step) * (total - done)
     logging.log_every_n_seconds(logging.INFO, "attack step %d/%d  loss %.5g  eta %.0fs", 10,
                                 done, total, info["loss"], eta)
     if self._write:

@@ -23,7 +23,8 @@ from vidleak_jax.types import ApplyFn, Grads, Params
 # progress(step_done, total_steps, info) once before the first dispatch (step_done: the step the
 # attack starts or resumes from) and after every dispatch. info: "loss" (best objective so far),
 # "objective_mean" (mean over restarts at step_done), "grad_match" (gradient-matching term of the
-# restart best at step_done), "resumed_from" (the step this call of `reconstruct` started at).
+# restart best at step_done), "resumed_from" (the step this call of `reconstruct` started at),
+# "compile_s" (after dispatches: the seconds spent compiling before the first one).
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 MAX_SNAPSHOTS = 32
 
@@ -188,7 +189,8 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
         record.snapshots.append(clips)
       if progress is not None:  # before saving: a checkpoint never runs ahead of the log
         progress(record.done, config.steps,
-                 _log_point(record.chunks[-1], rows, best_seen, start_step))
+                 {**_log_point(record.chunks[-1], rows, best_seen, start_step),
+                  "compile_s": compile_s})
       stop = record.done < config.steps and _stop_requested(should_stop)  # done: keep result
       if checkpointer is not None and (stop or (
           (dispatch + 1) % checkpoint_every == 0 and record.done < config.steps)):
