@@ -240,7 +240,7 @@ def stage_attack(cfg, captured=None) -> None:
   runner._save(  # pylint: disable=protected-access
       cfg, "reconstruction.npz", clips=clips_hat, labels=np.asarray(labels),
       loss=np.asarray(loss), restart_losses=np.asarray([loss]), init_clips=init,
-      compile_s=np.asarray(0.0), history_loss=history, history_grad_match=history,
+      compile_s=np.asarray(0.0), history_loss=history,  # the last stage's objective
       snapshot_steps=np.asarray([0, len(history)]),  # the curve: start and result
       snapshot_objectives=np.asarray([history[0, 0], loss], np.float32),
       snapshots=np.stack([init, clips_hat]), features=np.asarray(features_hat),
