@@ -82,8 +82,9 @@ def run_cell(base: runner.RunConfig, method: str) -> dict | None:
       shutil.copyfile(os.path.join(base.workdir, name), os.path.join(workdir, name))
     cfg = dataclasses.replace(base, workdir=workdir, png_scale=2,
                               sr=sr.SRConfig() if method == "none" else sr_config(method))
-    runner.stage_sr(cfg)
-    runner.stage_eval(cfg)
+    with jax.default_matmul_precision(cfg.matmul_precision):  # as runner.run does
+      runner.stage_sr(cfg)
+      runner.stage_eval(cfg)
   with open(path) as f:
     metrics = json.load(f)
   return metrics if method == "none" else metrics["sr_metrics"]["after"]
@@ -120,9 +121,36 @@ def write_table(results: dict) -> None:
   report.write_text(FLAGS.table, "\n".join(lines))
 
 
+def validate_flags() -> None:
+  """Every flag checked before anything runs: app.UsageError naming the first bad one."""
+  methods = ("none", "learned", *sr.SR_METHODS.names())
+  unknown = [m for m in FLAGS.sr_methods if m not in methods]
+  if unknown or not FLAGS.sr_methods:
+    raise app.UsageError(f"--sr_methods: unknown {unknown}; valid: {', '.join(methods)}")
+  try:
+    counts = [int(k) for k in FLAGS.reference_counts]
+    shape = [int(v) for v in FLAGS.shape]
+  except ValueError as e:
+    raise app.UsageError(f"--reference_counts and --shape take integers: {e}") from None
+  if not counts or min(counts) < 0:
+    raise app.UsageError(f"--reference_counts must be integers >= 0, got {counts}")
+  if len(shape) != 4:
+    raise app.UsageError(f"--shape expects T,H,W,C, got {FLAGS.shape}")
+  try:
+    for data in FLAGS.sources:
+      for k in counts:
+        base = base_config(data, k, 0, FLAGS.out)
+        for method in FLAGS.sr_methods:
+          if method != "none":
+            dataclasses.replace(base, sr=sr_config(method))  # RunConfig validates
+  except (KeyError, ValueError) as e:
+    raise app.UsageError(str(e).strip("'\"")) from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  validate_flags()
   # Resumed runs reuse compiled attack steps.
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(FLAGS.out, "xla")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

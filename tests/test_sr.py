@@ -206,3 +206,20 @@ def test_bad_sr_flags_exit_nonzero_with_one_clear_message(tmp_path, bad, expecte
   assert expected in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("--sr_methods=none,bogus", "--sr_methods: unknown ['bogus']"),
+    ("--reference_counts=0,-1", "--reference_counts must be integers >= 0"),
+    ("--shape=4,32,32", "--shape expects T,H,W,C"),
+    ("--scale=3", "attack_scale must be one of"),
+])
+def test_scenario_flags_are_checked_before_anything_runs(tmp_path, bad, expected):
+  out = tmp_path / "scenarios"
+  proc = subprocess.run([sys.executable, "-m", "experiments.scenarios", f"--out={out}",
+                         f"--table={tmp_path / 'table.md'}", bad], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        timeout=300)
+  assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-1000:]
+  assert "Traceback" not in proc.stderr
+  assert not out.exists() and not (tmp_path / "table.md").exists()
