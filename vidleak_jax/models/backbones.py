@@ -55,12 +55,13 @@ class ResNet(nnx.Module):
 
   `stem=True` is torchvision's 7×7/2 conv + 3×3/2 max-pool (ResNet-18: widths 64..512, blocks
   2,2,2,2); `stem=False` a 3×3/1 conv without pooling, for small frames. `features` gives the
-  globally average-pooled trunk output [N, widths[-1]].
+  globally average-pooled trunk output [N, widths[-1]]; `num_classes=None` leaves out the
+  classifier `fc` (a feature extractor trained here never uses it).
   """
 
   def __init__(self, *, widths: Sequence[int] = (64, 128, 256, 512),
                blocks: Sequence[int] = (2, 2, 2, 2), stem: bool = True, channels: int = 3,
-               num_classes: int = 1000, rngs: nnx.Rngs):
+               num_classes: int | None = 1000, rngs: nnx.Rngs):
     if len(widths) != len(blocks) or not widths:
       raise ValueError(f"widths {widths} and blocks {blocks} need one entry per stage")
     self.stem = stem
@@ -75,7 +76,7 @@ class ResNet(nnx.Module):
       setattr(self, f"layer{i + 1}", nnx.List(layer))
       cin = width
     self.out_features = cin
-    self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
+    self.fc = None if num_classes is None else nnx.Linear(cin, num_classes, rngs=rngs)
 
   def features(self, frames: jax.Array) -> jax.Array:
     """Pooled trunk features: [N,H,W,C] (normalised) -> [N, widths[-1]]."""
@@ -88,6 +89,9 @@ class ResNet(nnx.Module):
     return x.mean(axis=(1, 2))
 
   def __call__(self, frames: jax.Array) -> jax.Array:
+    if self.fc is None:
+      raise ValueError("this ResNet was built without a classifier (num_classes=None): use "
+                       "features()")
     return self.fc(self.features(frames))
 
 

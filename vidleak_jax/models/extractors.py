@@ -77,10 +77,10 @@ class ResNetExtractor(nnx.Module):
 
   def __init__(self, frames: int, height: int, width: int, channels: int, *, rngs: nnx.Rngs,
                widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), stem: bool = True,
-               input_size: tuple[int, int] | None = None):
+               classifier: bool = True, input_size: tuple[int, int] | None = None):
     self.preprocess = Preprocess(frames, channels, tuple(input_size or (height, width)))
     self.net = backbones.ResNet(widths=widths, blocks=blocks, stem=stem, channels=channels,
-                                rngs=rngs)
+                                num_classes=1000 if classifier else None, rngs=rngs)
     self.out_features = self.net.out_features
 
   def __call__(self, clips: jax.Array) -> jax.Array:
@@ -125,7 +125,7 @@ def _resnet18(frames, height, width, channels, *, rngs, weights_path: str | None
 @EXTRACTORS.register("resnet_small")
 def _resnet_small(frames, height, width, channels, *, rngs, **kwargs) -> nnx.Module:
   return ResNetExtractor(frames, height, width, channels, rngs=rngs, widths=(16, 32, 64),
-                         blocks=(1, 1, 1), stem=False, **kwargs)
+                         blocks=(1, 1, 1), stem=False, classifier=False, **kwargs)
 
 
 EXTRACTORS.register("r2plus1d")(R2Plus1DExtractor)
