@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +58,26 @@ def test_checkpoints_of_another_model_or_longer_runs_are_refused(tmp_path):
     training.train(_loss, {"w": jnp.zeros(5)}, optax.adam(0.1), steps=30, directory=directory,
                    identity={"model": "wider"})
   assert training.read_metadata(str(tmp_path / "missing")) is None
+
+
+def test_concurrent_trainings_of_one_directory_take_turns(tmp_path):
+  directory, results, trained = str(tmp_path / "shared"), {}, {"first": 0, "second": 0}
+  started = threading.Event()
+
+  def run(name):
+    def progress(done, total, loss):
+      started.set()
+      trained[name] += 1
+      time.sleep(0.01)
+    results[name] = _train(directory, steps=30, progress=progress)
+
+  first = threading.Thread(target=run, args=("first",))
+  first.start()
+  started.wait(timeout=60)
+  second = threading.Thread(target=run, args=("second",))  # waits, then finds the finished run
+  second.start()
+  first.join(timeout=120)
+  second.join(timeout=120)
+  assert trained == {"first": 30, "second": 0}
+  np.testing.assert_array_equal(results["first"][1], results["second"][1])
+  np.testing.assert_array_equal(results["first"][0]["w"], results["second"][0]["w"])

@@ -10,8 +10,10 @@ refused with a message naming both.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +107,20 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any],
                                                meta=ocp.args.JsonSave(meta)))
 
 
+@contextlib.contextmanager
+def exclusive(directory: str | None) -> Iterator[None]:
+  """Holds an exclusive lock on `directory` (a sibling file DIR.lock) while open, so processes
+  sharing a checkpoint directory train it one after the other (the later ones resume)."""
+  if directory is None:
+    yield
+    return
+  path = os.path.abspath(directory).rstrip(os.sep)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".lock", "a", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 def train(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation, *, steps: int,
           directory: str | None = None, identity: dict[str, Any] | None = None,
           save_every: int = 100,
@@ -112,11 +128,17 @@ def train(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation,
   """`steps` optimizer steps on `loss_fn`; returns (params, float32 losses[steps]).
 
   With `directory`: resumes from its newest checkpoint (same `identity` required), saves every
-  `save_every` steps and at the end. `progress(done, steps, loss)` is called after every step.
+  `save_every` steps and at the end, holding `exclusive(directory)` throughout.
+  `progress(done, steps, loss)` is called after every step.
   """
   if steps < 1 or save_every < 1:
     raise ValueError(f"steps and save_every must be >= 1, got {steps} and {save_every}")
-  identity = dict(identity or {})
+  with exclusive(directory):
+    return _train(loss_fn, params, optimizer, steps, directory, dict(identity or {}),
+                  save_every, progress)
+
+
+def _train(loss_fn, params, optimizer, steps, directory, identity, save_every, progress):
   state = {"params": params, "opt_state": optimizer.init(params)}
   losses: list[float] = []
   if directory is not None and latest_step(directory) is not None:
