@@ -44,6 +44,8 @@ flags.DEFINE_enum("match_metric", _FC.matching.metric, DISTANCES.names(),
                   "Stage 1 gradient-matching metric.")
 flags.DEFINE_float("match_lr", _FC.matching.lr, "Stage 1 learning rate.", lower_bound=0.0)
 flags.DEFINE_integer("match_steps", _FC.matching.steps, "Stage 1 steps.", lower_bound=1)
+flags.DEFINE_integer("match_restarts", _FC.matching.restarts,
+                     "Stage 1 starts optimised at once (the best objective wins).", lower_bound=1)
 flags.DEFINE_enum("invert_optimizer", _INV.optimizer, OPTIMIZERS.names(),
                   "Stage 2 (feature inversion) optimizer.")
 flags.DEFINE_enum("invert_schedule", _INV.schedule, SCHEDULES.names(), "Stage 2 lr schedule.")
@@ -98,7 +100,8 @@ def run_config_kwargs() -> dict[str, Any]:
       extractor_weights=FLAGS.extractor_weights, extractor_dir=FLAGS.extractor_dir,
       head=FLAGS.head, head_kwargs=head_kwargs, attack=FLAGS.feature_attack,
       matching=feature_attack.StageConfig(optimizer=FLAGS.match_optimizer, lr=FLAGS.match_lr,
-                                          steps=FLAGS.match_steps, metric=FLAGS.match_metric),
+                                          steps=FLAGS.match_steps, metric=FLAGS.match_metric,
+                                          restarts=FLAGS.match_restarts),
       inversion=feature_attack.StageConfig(
           optimizer=FLAGS.invert_optimizer, lr=FLAGS.invert_lr, schedule=FLAGS.invert_schedule,
           steps=FLAGS.invert_steps, tv_spatial=FLAGS.invert_tv_spatial,

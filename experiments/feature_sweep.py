@@ -38,6 +38,7 @@ flags.DEFINE_bool("known_labels", False, "Give every attack the true labels (sep
 flags.DEFINE_integer("batch_size", 1, "Clips per client batch.", lower_bound=1)
 flags.DEFINE_integer("pretrain_steps", 300, "Extractor pre-training steps.", lower_bound=1)
 flags.DEFINE_integer("match_steps", 300, "Stage 1 (feature matching) steps.", lower_bound=1)
+flags.DEFINE_integer("match_restarts", 1, "Stage 1 starts optimised at once.", lower_bound=1)
 flags.DEFINE_integer("invert_steps", 200, "Stage 2 (feature inversion) steps.", lower_bound=1)
 flags.DEFINE_integer("raw_steps", 400, "Raw-frame attack steps.", lower_bound=1)
 flags.DEFINE_bool("end_to_end", False, "Also run the end-to-end pixel attack per head.")
@@ -163,7 +164,8 @@ def _base_config(workdir: str, seed: int, shape: tuple[int, ...]) -> runner.RunC
       features=features_pipeline.FeatureConfig(
           extractor=FLAGS.extractor,
           extractor_dir=os.path.join(workdir, f"extractor_{FLAGS.extractor}"),
-          matching=dataclasses.replace(defaults.matching, steps=FLAGS.match_steps),
+          matching=dataclasses.replace(defaults.matching, steps=FLAGS.match_steps,
+                                       restarts=FLAGS.match_restarts),
           inversion=dataclasses.replace(defaults.inversion, steps=FLAGS.invert_steps),
           pretrain=dataclasses.replace(defaults.pretrain, steps=FLAGS.pretrain_steps)))
 
@@ -198,7 +200,8 @@ def main(argv):
   caption = (f"Feature-pipeline leakage vs classifier complexity: {FLAGS.extractor} extractor, "
              f"synthetic clips {'×'.join(map(str, shape))}, B={FLAGS.batch_size}, {labels}, "
              f"seeds {'/'.join(map(str, seeds))} (mean ± std); stage 1 feature matching "
-             f"({FLAGS.match_steps} L-BFGS steps), stage 2 feature inversion "
+             f"({FLAGS.match_steps} L-BFGS steps, {FLAGS.match_restarts} restart(s)), stage 2 "
+             f"feature inversion "
              f"({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} L-BFGS steps. "
              f"pooled_feature_rel_error: error of the time-mean features.")
   for directory in {workdir, FLAGS.results_dir or workdir}:

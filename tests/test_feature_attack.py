@@ -73,6 +73,21 @@ def test_feature_matching_recovers_a_gru_heads_feature_matrix():
   assert found.history.shape == (100,) and found.loss <= float(found.history[0])
 
 
+def test_restarts_escape_a_local_minimum_of_feature_matching():
+  features = _features(seed=3)
+  _, head_apply, params, grads = _shared("conv1d", features)
+  start = jnp.full_like(features, 0.5)
+  one = fa.match_features(head_apply, params, grads, LABELS, start, fa.StageConfig(steps=100))
+  many = fa.match_features(head_apply, params, grads, LABELS, start,
+                           fa.StageConfig(steps=100, restarts=8), key=jax.random.key(0))
+  assert fa.feature_errors(one.value, features)["feature_rel_error"][0] > 0.01  # stuck
+  assert fa.feature_errors(many.value, features)["feature_rel_error"][0] < 1e-4
+  assert many.value.shape == features.shape and many.history.shape == (100,)
+  assert many.loss < one.loss
+  with pytest.raises(ValueError, match="needs a key"):
+    fa.match_features(head_apply, params, grads, LABELS, start, fa.StageConfig(restarts=2))
+
+
 def test_feature_inversion_recovers_clips_through_an_injective_extractor():
   clips, _ = vl.data.synthetic_clips(jax.random.key(0), 1, frames=2, height=8, width=8,
                                      channels=3, num_classes=4)

@@ -183,7 +183,8 @@ def _init_clips(key: jax.Array, references: np.ndarray | None, clip_shape) -> np
   return np.asarray(init_candidates(key, (1, *clip_shape), kind, refs)[0])
 
 
-def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips) -> tuple[Any, Any]:
+def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
+               key: jax.Array) -> tuple[Any, Any]:
   """Recovered features [B,T,D] and their stage-1 objective history."""
   fc, t = cfg.features, cfg.clip_shape[0]
   if fc.attack == "analytic":  # B = 1 and an MLPHead (`validate`)
@@ -193,7 +194,7 @@ def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips) -> tuple[
     return feature_attack.features_from_input(x, t, head.dim, head.pooling), np.zeros((0,))
   start = jax.jit(victim.extract)(jnp.asarray(init_clips))
   found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
-                                        fc.matching)
+                                        fc.matching, key=key)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)
   return found.value, found.history
 
@@ -231,7 +232,8 @@ def stage_attack(cfg, captured=None) -> None:
     init = np.asarray(rec.init_clips)
     features_hat, feature_history = jax.jit(victim.extract)(rec.clips), np.zeros((0,))
   else:
-    features_hat, feature_history = _stage_one(cfg, victim, shared, labels, init)
+    features_hat, feature_history = _stage_one(cfg, victim, shared, labels, init,
+                                               jax.random.fold_in(keys[1], 1))
     found = feature_attack.invert_features(victim.extract, features_hat, init,
                                            cfg.features.inversion)
     clips_hat, loss, history = np.asarray(found.value), found.loss, found.history

@@ -44,10 +44,15 @@ class StageConfig:
   metric: str = "l2"  # stage 1 only: gradient-matching distance
   tv_spatial: float = 0.0  # stage 2 only
   tv_temporal: float = 0.0  # stage 2 only
+  restarts: int = 1  # stage 1 only: starts optimised at once (vmap), the best objective wins
+  restart_noise: float = 0.5  # stage 1 only: restart r > 0 starts at init·(1 + noise·N(0, 1))
 
   def __post_init__(self):
     if self.steps < 1 or not self.lr > 0:
       raise ValueError(f"steps must be >= 1 and lr > 0, got {self.steps}, {self.lr}")
+    if self.restarts < 1 or self.restart_noise < 0:
+      raise ValueError(f"restarts must be >= 1 and restart_noise >= 0, got {self.restarts}, "
+                       f"{self.restart_noise}")
     if self.tv_spatial < 0 or self.tv_temporal < 0:
       raise ValueError("tv_spatial and tv_temporal must be >= 0")
 
@@ -90,7 +95,8 @@ def features_from_input(x: jax.Array, frames: int, dim: int, pooling: str) -> ja
 
 def optimise(objective: Objective, x0: jax.Array, config: StageConfig, *,
              box: tuple[float, float] | None = None) -> Recovered:
-  """Minimises `objective` from x0 with the configured optax optimizer in one jitted scan."""
+  """Minimises `objective` from x0 with the configured optax optimizer in one jitted scan;
+  x0 [R, ...] with `restarts` > 1 starts R optimisations at once and keeps the best."""
   opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
 
   def step(carry, _):
@@ -111,8 +117,12 @@ def optimise(objective: Objective, x0: jax.Array, config: StageConfig, *,
     last = objective(x)  # the final point is scored too
     return jnp.where(last < best, x, best_x), jnp.minimum(last, best), history
 
-  best_x, best, history = jax.jit(run)(x0)
-  return Recovered(best_x, float(best), np.asarray(history))
+  if config.restarts == 1:
+    best_x, best, history = jax.jit(run)(x0)
+    return Recovered(best_x, float(best), np.asarray(history))
+  best_x, best, history = jax.jit(jax.vmap(run))(x0)
+  winner = int(jnp.nanargmin(best))
+  return Recovered(best_x[winner], float(best[winner]), np.asarray(history[winner]))
 
 
 def feature_matching_objective(head_apply: ApplyFn, params: Params, target_grads: Grads,
@@ -122,10 +132,22 @@ def feature_matching_objective(head_apply: ApplyFn, params: Params, target_grads
 
 
 def match_features(head_apply: ApplyFn, params: Params, target_grads: Grads, labels: jax.Array,
-                   init: jax.Array, config: StageConfig = StageConfig()) -> Recovered:
-  """Stage 1 by gradient matching: features [B,T,D] from `init` whose head gradient matches."""
+                   init: jax.Array, config: StageConfig = StageConfig(), *,
+                   key: jax.Array | None = None) -> Recovered:
+  """Stage 1 by gradient matching: features [B,T,D] from `init` whose head gradient matches.
+
+  With `config.restarts` = R > 1, restart 0 starts at `init` and the others at `init` scaled by
+  1 + restart_noise·N(0, 1) elementwise (from `key`); the best objective wins.
+  """
   objective = feature_matching_objective(head_apply, params, target_grads, labels, config.metric)
-  return optimise(objective, jnp.asarray(init, jnp.float32), config)
+  init = jnp.asarray(init, jnp.float32)
+  if config.restarts == 1:
+    return optimise(objective, init, config)
+  if key is None:
+    raise ValueError("match_features with restarts > 1 needs a key")
+  noise = jax.random.normal(key, (config.restarts - 1, *init.shape), init.dtype)
+  starts = jnp.concatenate([init[None], init * (1.0 + config.restart_noise * noise)])
+  return optimise(objective, starts, config)
 
 
 def feature_inversion_objective(extract: Callable[[jax.Array], jax.Array], target: jax.Array,
