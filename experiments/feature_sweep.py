@@ -2,13 +2,14 @@ r"""How much the feature pipeline leaks as the classifier grows: one table over 
 
   python -m experiments.feature_sweep --workdir=runs/feature_sweep
 
-On the same synthetic clips (per seed of --seeds): the raw-frame attack (C3D victim, L-BFGS l2 gradient
-matching on pixels) and, for every head linear → mlp1 → mlp2 → mlp3 → conv1d → gru → transformer
+On the same synthetic clips (per seed of --seeds): the raw-frame attack (C3D victim, L-BFGS l2
+gradient matching on pixels) and, for every head linear → mlp1 → mlp2 → mlp3 → conv1d → gru → transformer
 on one frozen, locally pre-trained extractor, the feature attack (stage 1: feature matching;
 stage 2: feature inversion through the extractor); `--end_to_end` adds the pixel attack through
 extractor + head. A last row inverts the true features (stage 2 alone: what a perfect stage 1
 would give). Writes <workdir>/<table_name>.md (mean ± std over seeds) and .csv (one line per
-seed), atomically, and every run's directory <workdir>/seed_<s>/<name>/. About 12 min on a 2-core CPU at the defaults (4×32×32 clips).
+seed), atomically, and every run's directory <workdir>/seed_<s>/<name>/. About 12 min per seed
+on a 2-core CPU at the defaults (4×32×32 clips).
 """
 
 from __future__ import annotations
@@ -201,8 +202,8 @@ def main(argv):
              f"synthetic clips {'×'.join(map(str, shape))}, B={FLAGS.batch_size}, {labels}, "
              f"seeds {'/'.join(map(str, seeds))} (mean ± std); stage 1 feature matching "
              f"({FLAGS.match_steps} L-BFGS steps, {FLAGS.match_restarts} restart(s)), stage 2 "
-             f"feature inversion "
-             f"({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} L-BFGS steps. "
+             f"feature inversion ({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} "
+             f"L-BFGS steps. "
              f"pooled_feature_rel_error: error of the time-mean features.")
   for directory in {workdir, FLAGS.results_dir or workdir}:
     write_tables(rows, directory, FLAGS.table_name, caption)
