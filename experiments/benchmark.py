@@ -8,26 +8,23 @@ target gradient and initial candidates (needs `pip install -e ".[bench]"`).
 
   python -m experiments.benchmark --victims=c3d,frame_cnn --restarts=1,8,32 --batching=both
   python -m experiments.benchmark --vs=torch --victims=c3d,frame_cnn --restarts=1,4
+
+The measuring code lives in `experiments.benchmark_core` (no flags, importable by tests).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import statistics
 import sys
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
 
-from experiments.host_memory import host_mark, host_peak_since
+from experiments.benchmark_core import bench_one, markdown_table, matmul_gflops
 import vidleak_jax as vl
-from vidleak_jax.attack.config import BATCHING, CONVS, resolve_batching, resolve_conv
-
-NUM_CLASSES = 4
+from vidleak_jax.attack.config import BATCHING, CONVS
 
 _VICTIMS = flags.DEFINE_list("victims", ["c3d", "frame_cnn"],
                              f"Comma list of victims; valid: {', '.join(vl.models.VICTIMS)}.")
@@ -77,122 +74,6 @@ flags.register_validator(
 
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
-
-
-def _jax_peak_memory(compiled: Any, mark: tuple[int, bool]) -> tuple[int, str]:
-  """(bytes, source): the executable's own peak (arguments + outputs + temporaries, as XLA planned
-  it; the same on every backend and independent of earlier rows), else host peak-RSS growth."""
-  stats = compiled.memory_analysis()
-  peak = getattr(stats, "peak_memory_in_bytes", None)
-  if peak:
-    return int(peak), "xla_memory_analysis"
-  return host_peak_since(mark)
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """float32 GFLOP/s of one large n×n matmul on the default device: the roofline to compare with."""
-  a = jnp.ones((n, n), jnp.float32)
-  product = jax.jit(lambda m: m @ m)
-  jax.block_until_ready(product(a))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    jax.block_until_ready(product(a))
-  return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-
-
-def candidate_step_flops(attack: Any, candidate: jax.Array) -> float:
-  """XLA's FLOP count of one candidate's objective value and gradient (the bulk of a step)."""
-  lowered = jax.jit(jax.value_and_grad(lambda x: attack.objective(x)[0])).lower(candidate)
-  cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", float("nan")))
-
-
-def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, int, int],
-              steps: int, steps_per_dispatch: int, seed: int, vs: str = "none",
-              torch_mode: str = "auto", conv: str = "auto", precision: str = "highest"
-              ) -> dict[str, Any]:
-  """Compiles and times `attack.run` for one victim × R × batching; returns one result row.
-
-  With `vs="torch"` the PyTorch peer is timed on the same params, target and initial candidates.
-  """
-  t, h, w, c = clip
-  k_model, k_data, k_init = jax.random.split(jax.random.key(seed), 3)
-  model = vl.models.create(victim, k_model, frames=t, height=h, width=w, channels=c,
-                           num_classes=NUM_CLASSES)
-  apply_fn, params = vl.models.pure(model)
-  clips, labels = vl.data.synthetic.synthetic_clips(
-      k_data, 1, frames=t, height=h, width=w, channels=c, num_classes=NUM_CLASSES)
-  target = vl.fl.updates.client_update(apply_fn, params, clips, labels)
-  config = vl.attack.AttackConfig(restarts=restarts, batching=batching, conv=conv,
-                                  log_every=steps_per_dispatch)
-  attack = vl.attack.make_attack(apply_fn, params, target, labels, tuple(clips.shape), config)
-  state = jax.block_until_ready(attack.init(k_init))
-  init_candidates = state.candidates
-  n = jnp.asarray(steps_per_dispatch, jnp.int32)
-
-  start = time.perf_counter()
-  with jax.default_matmul_precision(precision):
-    compiled = jax.jit(attack.run).lower(state, n).compile()
-  compile_s = time.perf_counter() - start
-
-  mark = host_mark()  # host peak memory of the runs (warm-up included), not of the compile
-
-  state, _ = jax.block_until_ready(compiled(state, n))  # warm-up
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = jax.block_until_ready(compiled(state, n))
-    times.append(time.perf_counter() - start)
-  if not bool(jnp.all(jnp.isfinite(metrics["loss"]))):
-    _log(f"  warning: non-finite loss for {victim} R={restarts} {batching}")
-  peak, source = _jax_peak_memory(compiled, mark)
-  flops = candidate_step_flops(attack, init_candidates[0])
-
-  step_s = statistics.median(times) / steps_per_dispatch
-  row = {
-      "victim": victim, "clip": list(clip), "restarts": restarts, "matmul_precision": precision,
-      "batching": resolve_batching(batching), "conv": resolve_conv(conv),
-      "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-      "compile_s": compile_s, "step_s": step_s, "steps_per_s": 1.0 / step_s,
-      "candidate_steps_per_s": restarts / step_s,
-      "jax_peak_mem_bytes": peak, "jax_peak_mem_source": source,
-      "candidate_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops * restarts / step_s / 1e9,
-  }
-  if vs == "torch":
-    from experiments import torch_peer  # imports torch: only with --vs=torch
-
-    torch_peer.set_float32_precision(precision)
-    peer = torch_peer.make_torch_attack(victim, params, tuple(clips.shape), target, labels,
-                                        init_candidates, config, mode=torch_mode)
-    row.update(torch_peer.time_torch_attack(peer, steps, steps_per_dispatch))
-    if not row["torch_finite"]:
-      _log(f"  warning: non-finite torch loss for {victim} R={restarts}")
-    row["speedup"] = row["candidate_steps_per_s"] / row["torch_candidate_steps_per_s"]
-  return row
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Rows as a markdown table (with the torch-peer columns when the rows have them)."""
-  vs = any("torch_step_s" in r for r in rows)
-  cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s", "step ms", "steps/s",
-          "cand. steps/s", "GFLOP/s"]
-  if vs:
-    cols += ["torch mode", "torch 1st step s", "torch step ms", "torch cand. steps/s",
-             "speedup", "JAX peak MB", "torch peak MB"]
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  for r in rows:
-    cells = [r["victim"], "x".join(map(str, r["clip"])), r["restarts"], r["batching"], r["conv"],
-             r["backend"], f"{r['compile_s']:.2f}", f"{1e3 * r['step_s']:.2f}",
-             f"{r['steps_per_s']:.2f}", f"{r['candidate_steps_per_s']:.2f}",
-             f"{r['achieved_gflop_per_s']:.1f}"]
-    if vs and "torch_step_s" in r:
-      cells += [r["torch_mode"], f"{r['torch_compile_s']:.2f}", f"{1e3 * r['torch_step_s']:.2f}",
-                f"{r['torch_candidate_steps_per_s']:.2f}", f"{r['speedup']:.2f}x",
-                f"{r['jax_peak_mem_bytes'] / 2**20:.1f}",
-                f"{r['torch_peak_mem_bytes'] / 2**20:.1f}"]
-    lines.append("| " + " | ".join(map(str, cells)) + " |")
-  return "\n".join(lines)
 
 
 def main(argv: Sequence[str]) -> None:

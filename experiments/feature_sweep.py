@@ -14,9 +14,7 @@ on a 2-core CPU at the defaults (4×32×32 clips).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import os
 import sys
 
@@ -24,6 +22,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from experiments.feature_table import write_tables
 from vidleak_jax import attack, features_pipeline, metrics, report, runner
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.models import heads
@@ -46,12 +45,6 @@ flags.DEFINE_bool("end_to_end", False, "Also run the end-to-end pixel attack per
 flags.DEFINE_string("results_dir", None, "Also write the table there (e.g. experiments/results).")
 flags.DEFINE_string("table_name", "feature_sweep", "File name (no suffix) of the .md/.csv table.")
 FLAGS = flags.FLAGS
-
-COLUMNS = ("pipeline", "head", "head_params", "feature_rel_error", "pooled_feature_rel_error",
-           "feature_cosine", "psnr", "ssim", "psnr_end_to_end", "label_accuracy", "seed")
-_AVERAGED = ("feature_rel_error", "pooled_feature_rel_error", "feature_cosine", "psnr", "ssim",
-             "psnr_end_to_end", "label_accuracy")
-
 
 def _pixel_attack(steps: int) -> attack.AttackConfig:
   """DLG-style pixel attack of the quickstart preset (L-BFGS, l2, light TV)."""
@@ -107,52 +100,6 @@ def _oracle_row(cfg: runner.RunConfig, clips: np.ndarray) -> dict:
           "feature_rel_error": 0.0, "pooled_feature_rel_error": 0.0, "feature_cosine": 1.0,
           "psnr": float(metrics.psnr(found.value, clips).mean()),
           "ssim": float(metrics.ssim(found.value, clips).mean())}
-
-
-def _format(column: str, value) -> str:
-  if value is None:
-    return "-"
-  if isinstance(value, float):
-    return f"{value:.2f}" if column.startswith("psnr") else f"{value:.4g}"
-  return str(value)
-
-
-def average_over_seeds(rows: list[dict]) -> list[dict]:
-  """One row per (pipeline, head), in first-seen order: `_AVERAGED` columns become (mean, std)
-  over the rows that have them (std 0 for one seed); "seed" lists the seeds."""
-  groups: dict[tuple, list[dict]] = {}
-  for row in rows:
-    groups.setdefault((row["pipeline"], row["head"]), []).append(row)
-  out = []
-  for group in groups.values():
-    merged = {k: v for k, v in group[0].items() if k not in _AVERAGED}
-    for column in _AVERAGED:
-      values = [float(r[column]) for r in group if r.get(column) is not None]
-      if values:
-        merged[column] = (float(np.mean(values)), float(np.std(values)))
-    merged["seed"] = "/".join(str(r["seed"]) for r in group if "seed" in r) or None
-    out.append(merged)
-  return out
-
-
-def _cell(column: str, value) -> str:
-  if isinstance(value, tuple):
-    mean, std = value
-    return _format(column, mean) + (f" ± {_format(column, std)}" if std else "")
-  return _format(column, value)
-
-
-def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> None:
-  """<name>.csv (one line per row: per seed) and <name>.md (mean ± std over seeds), atomically."""
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-  writer.writeheader()
-  writer.writerows([{c: row.get(c, "") for c in COLUMNS} for row in rows])
-  report.write_text(os.path.join(directory, f"{name}.csv"), buffer.getvalue())
-  lines = [caption, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-  lines += ["| " + " | ".join(_cell(c, row.get(c)) for c in COLUMNS) + " |"
-            for row in average_over_seeds(rows)]
-  report.write_text(os.path.join(directory, f"{name}.md"), "\n".join(lines) + "\n")
 
 
 def _base_config(workdir: str, seed: int, shape: tuple[int, ...]) -> runner.RunConfig:

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 import vidleak_jax as vl
-from experiments import benchmark
+from experiments import benchmark_core as benchmark
 
 
 @pytest.mark.parametrize("victim", ["c3d", "frame_cnn"])
