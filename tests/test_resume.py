@@ -82,6 +82,9 @@ def test_resumed_attack_equals_uninterrupted_and_foreign_checkpoints_are_refused
     _attack(other, checkpoint_dir=directory)
   with pytest.raises(ValueError, match=r"different attack \(differs: shared_update_sha256\)"):
     _attack(update_scale=2.0, checkpoint_dir=directory)
+  with jax.default_matmul_precision("highest"), pytest.raises(
+      ValueError, match=r"different attack \(differs: matmul_precision\)"):
+    _attack(checkpoint_dir=directory)
   assert os.listdir(directory) == ["3"]  # refused, left untouched
 
   def interrupt_at_nine(done, total, info):

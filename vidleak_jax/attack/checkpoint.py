@@ -74,7 +74,8 @@ def _tree_sha256(tree) -> str:
 def describe(key: jax.Array, config: AttackConfig, clip_shape: tuple[int, ...], labels: jax.Array,
              target_grads: Grads, references: jax.Array | None) -> dict[str, Any]:
   """What a checkpoint must match to be resumed (JSON): the attack config, clip shape [5], labels
-  [B], hashes of the key, the shared update and the references, and a fingerprint of them all."""
+  [B], hashes of the key, the shared update and the references, the matmul precision in force,
+  and a fingerprint of them all."""
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   description = {
@@ -84,6 +85,8 @@ def describe(key: jax.Array, config: AttackConfig, clip_shape: tuple[int, ...], 
       "key_sha256": _sha256(key),
       "shared_update_sha256": _tree_sha256(target_grads),
       "references_sha256": None if references is None else _sha256(references),
+      # jax.default_matmul_precision in force: GPU results differ between "default" and "highest"
+      "matmul_precision": jax.config.jax_default_matmul_precision,
   }
   text = json.dumps(description, sort_keys=True)
   return {**description, "fingerprint": hashlib.sha256(text.encode()).hexdigest()}
