@@ -33,15 +33,21 @@ def _manager(directory: str, *, create: bool) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def _close(manager: ocp.CheckpointManager) -> None:
+  with without_orbax_info():
+    manager.close()
+
+
 def latest_step(directory: str) -> int | None:
   """The newest checkpoint's step under `directory`, or None when there is none."""
   if not os.path.isdir(directory):
     return None
   manager = _manager(directory, create=False)
   try:
-    return manager.latest_step()
+    with without_orbax_info():
+      return manager.latest_step()
   finally:
-    manager.close()
+    _close(manager)
 
 
 def read_metadata(directory: str) -> dict[str, Any] | None:
@@ -57,7 +63,7 @@ def read_metadata(directory: str) -> dict[str, Any] | None:
     raise ValueError(f"checkpoint directory {directory!r} is unreadable or was not written by "
                      f"vidleak_jax ({type(e).__name__}: {e})") from None
   finally:
-    manager.close()
+    _close(manager)
   return {**dict(meta), "step": int(step)}
 
 
@@ -95,7 +101,7 @@ def restore(directory: str, like: dict[str, Any], identity: dict[str, Any], step
     raise ValueError(f"checkpoint directory {directory!r} does not fit this model "
                      f"({type(e).__name__}: {e})") from None
   finally:
-    manager.close()
+    _close(manager)
   return state, [float(v) for v in meta.get("losses", [])][:step], step
 
 
@@ -163,5 +169,5 @@ def _train(loss_fn, params, optimizer, steps, directory, identity, save_every, p
         progress(done, steps, losses[-1])
   finally:
     if manager is not None:
-      manager.close()
+      _close(manager)
   return state["params"], np.asarray(losses, np.float32)
