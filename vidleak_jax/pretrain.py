@@ -95,14 +95,13 @@ def load_pretrained(extractor: nnx.Module, directory: str, *, identity: dict[str
                     frames: int, num_classes: int) -> dict[str, Any]:
   """Loads the latest pre-trained weights under `directory` into `extractor`; returns the
   metadata (with "step"). FileNotFoundError when there is no checkpoint."""
-  meta = training.read_metadata(directory)
-  if meta is None:
-    raise FileNotFoundError(f"no pre-trained extractor under {directory!r}: run the 'pretrain' "
-                            f"stage first")
-  training.check_identity(meta, identity, directory)
   model = _Probe(extractor, frames, num_classes, rngs=nnx.Rngs(params=0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   like = {"params": params, "opt_state": optax.adam(1.0).init(params)}
-  state, _, step = training.restore(directory, like, identity, steps=None)
+  found = training.restore(directory, like, identity, steps=None)
+  if found is None:
+    raise FileNotFoundError(f"no pre-trained extractor under {directory!r}: run the 'pretrain' "
+                            f"stage first")
+  state, meta = found
   nnx.update(model, _with(nnx.state(model, nnx.Param), state["params"]))
-  return {**meta, "step": step}
+  return meta

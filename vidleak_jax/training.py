@@ -38,33 +38,39 @@ def _close(manager: ocp.CheckpointManager) -> None:
     manager.close()
 
 
-def latest_step(directory: str) -> int | None:
-  """The newest checkpoint's step under `directory`, or None when there is none."""
+def _open(directory: str) -> ocp.CheckpointManager | None:
+  """A manager on the checkpoints under `directory`, or None when there are none."""
   if not os.path.isdir(directory):
     return None
   manager = _manager(directory, create=False)
-  try:
-    with without_orbax_info():
-      return manager.latest_step()
-  finally:
-    _close(manager)
-
-
-def read_metadata(directory: str) -> dict[str, Any] | None:
-  """The newest checkpoint's JSON metadata (plus "step"), or None when there is none."""
-  step = latest_step(directory)
+  with without_orbax_info():
+    step = manager.latest_step()
   if step is None:
+    _close(manager)
     return None
-  manager = _manager(directory, create=False)
+  return manager
+
+
+def _newest_metadata(manager: ocp.CheckpointManager, directory: str) -> dict[str, Any]:
+  step = manager.latest_step()
   try:
     with without_orbax_info():
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # orbax raises many types for unreadable or foreign directories
     raise ValueError(f"checkpoint directory {directory!r} is unreadable or was not written by "
                      f"vidleak_jax ({type(e).__name__}: {e})") from None
+  return {**dict(meta), "step": int(step)}
+
+
+def read_metadata(directory: str) -> dict[str, Any] | None:
+  """The newest checkpoint's JSON metadata (plus "step"), or None when there is none."""
+  manager = _open(directory)
+  if manager is None:
+    return None
+  try:
+    return _newest_metadata(manager, directory)
   finally:
     _close(manager)
-  return {**dict(meta), "step": int(step)}
 
 
 def check_identity(meta: dict[str, Any], identity: dict[str, Any], directory: str) -> None:
@@ -78,31 +84,33 @@ def check_identity(meta: dict[str, Any], identity: dict[str, Any], directory: st
 
 
 def restore(directory: str, like: dict[str, Any], identity: dict[str, Any], steps: int | None
-            ) -> tuple[dict[str, Any], list[float], int]:
-  """(state shaped like `like`, losses so far, step) of the newest checkpoint, identity checked.
+            ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+  """(state shaped like `like`, metadata with "step") of the newest checkpoint, its identity
+  checked before any array is read; None when `directory` holds no checkpoint.
 
   With `steps`, a checkpoint beyond it is refused (it would hand back a longer-trained model).
   """
-  meta = read_metadata(directory)
-  if meta is None:
-    raise FileNotFoundError(f"no checkpoint under {directory!r}")
-  check_identity(meta, identity, directory)
-  step = meta["step"]
-  if steps is not None and step > steps:
-    raise ValueError(f"checkpoint directory {directory!r} holds a model trained for {step} "
-                     f"steps, more than the {steps} asked for; ask for >= {step} steps or use "
-                     f"another directory")
-  manager = _manager(directory, create=False)
+  manager = _open(directory)
+  if manager is None:
+    return None
   try:
-    with without_orbax_info():
-      state = manager.restore(step, args=ocp.args.Composite(
-          train=ocp.args.StandardRestore(like)))["train"]
-  except Exception as e:
-    raise ValueError(f"checkpoint directory {directory!r} does not fit this model "
-                     f"({type(e).__name__}: {e})") from None
+    meta = _newest_metadata(manager, directory)
+    check_identity(meta, identity, directory)
+    step = meta["step"]
+    if steps is not None and step > steps:
+      raise ValueError(f"checkpoint directory {directory!r} holds a model trained for {step} "
+                       f"steps, more than the {steps} asked for; ask for >= {step} steps or use "
+                       f"another directory")
+    try:
+      with without_orbax_info():
+        state = manager.restore(step, args=ocp.args.Composite(
+            train=ocp.args.StandardRestore(like)))["train"]
+    except Exception as e:
+      raise ValueError(f"checkpoint directory {directory!r} does not fit this model "
+                       f"({type(e).__name__}: {e})") from None
   finally:
     _close(manager)
-  return state, [float(v) for v in meta.get("losses", [])][:step], step
+  return state, meta
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any],
@@ -147,8 +155,10 @@ def train(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation,
 def _train(loss_fn, params, optimizer, steps, directory, identity, save_every, progress):
   state = {"params": params, "opt_state": optimizer.init(params)}
   losses: list[float] = []
-  if directory is not None and latest_step(directory) is not None:
-    state, losses, _ = restore(directory, state, identity, steps)
+  found = None if directory is None else restore(directory, state, identity, steps)
+  if found is not None:
+    state, meta = found
+    losses = [float(v) for v in meta.get("losses", [])][:meta["step"]]
 
   @jax.jit
   def step_fn(state, step):
