@@ -20,6 +20,8 @@ from vidleak_jax.data import synthetic
 from vidleak_jax.metrics_lpips import lpips
 from vidleak_jax.sr import apply, methods, models, stage, train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.mark.parametrize("name", ["espcn", "edsr"])
 @pytest.mark.parametrize("scale", [2, 4])
@@ -198,10 +200,9 @@ def test_sr_stage_end_to_end(tmp_path):
 ])
 def test_bad_sr_flags_exit_nonzero_with_one_clear_message(tmp_path, bad, expected):
   workdir = tmp_path / "run"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-m", "experiments.main",
                          "--flagfile=experiments/flags/tiny.flags", f"--workdir={workdir}",
-                         *bad.split()], cwd=root, capture_output=True, text=True, timeout=300)
+                         *bad.split()], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert expected in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
@@ -218,8 +219,7 @@ def test_scenario_flags_are_checked_before_anything_runs(tmp_path, bad, expected
   out = tmp_path / "scenarios"
   proc = subprocess.run([sys.executable, "-m", "experiments.scenarios", f"--out={out}",
                          f"--table={tmp_path / 'table.md'}", bad], capture_output=True, text=True,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        timeout=300)
+                        cwd=ROOT, timeout=300)
   assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-1000:]
   assert "Traceback" not in proc.stderr
   assert not out.exists() and not (tmp_path / "table.md").exists()

@@ -24,8 +24,8 @@ from vidleak_jax.report.frames import encode_gif, frame_grid
 
 REPORT_FILE = "report.html"
 CLIP_HEIGHT = 128  # on-screen pixels per clip in the GIFs (integer upscaling, nearest neighbour)
-_EXPERIMENT_MODULES = ("experiments.", "__main__")  # other modules' flags (absl, chex, orbax, ...)
-# say nothing about the experiment
+# Flags of other modules (absl, chex, orbax, ...) say nothing about the experiment.
+_EXPERIMENT_MODULES = ("experiments.", "__main__")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1150px; color: #222;
