@@ -25,6 +25,7 @@ from absl import app, flags
 from experiments.benchmark_core import bench_one, markdown_table, matmul_gflops
 import vidleak_jax as vl
 from vidleak_jax.attack.config import BATCHING, CONVS
+from vidleak_jax.runner import MATMUL_PRECISIONS
 
 _VICTIMS = flags.DEFINE_list("victims", ["c3d", "frame_cnn"],
                              f"Comma list of victims; valid: {', '.join(vl.models.VICTIMS)}.")
@@ -39,7 +40,7 @@ _STEPS_PER_DISPATCH = flags.DEFINE_integer(
     "steps_per_dispatch", 1, "Optimizer steps per jitted dispatch (AttackConfig.log_every).",
     lower_bound=1)
 _PRECISION = flags.DEFINE_enum(
-    "matmul_precision", "highest", ["default", "high", "highest"],
+    "matmul_precision", "highest", list(MATMUL_PRECISIONS),
     "float32 matmul/conv precision on both sides (the runner's default is highest; 'default' "
     "lets GPUs use TF32).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for the victim, data and candidates.")

@@ -47,7 +47,7 @@ class Attack(NamedTuple):
 
 
 def init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str,
-                     references: jax.Array | None) -> jax.Array:
+                    references: jax.Array | None) -> jax.Array:
   """Initial clips [R,B,T,h,w,C]; "reference" starts from the references' median frame (resized
   to h×w by block averaging)."""
   if kind == "uniform":
