@@ -63,6 +63,9 @@ flags.DEFINE_enum("init", _ATTACK_DEFAULTS.init, list(attack.config.INITS),
 flags.DEFINE_enum("batching", _ATTACK_DEFAULTS.batching, list(attack.config.BATCHING),
                   "How restarts are batched in the jitted step (auto: map on CPU, vmap on "
                   "GPU/TPU).")
+flags.DEFINE_integer("map_batch_size", _ATTACK_DEFAULTS.map_batch_size,
+                     "With --batching=map: restarts vmapped together per lax.map step.",
+                     lower_bound=1)
 flags.DEFINE_enum("conv", _ATTACK_DEFAULTS.conv, list(attack.config.CONVS),
                   "Victim convolution kernels while attacking (auto: im2col).")
 flags.DEFINE_integer("log_every", _ATTACK_DEFAULTS.log_every, "Steps per dispatch / log line.",
@@ -126,7 +129,8 @@ def config_from_flags() -> runner.RunConfig:
         metric=FLAGS.metric, optimizer=FLAGS.optimizer, lr=FLAGS.lr, schedule=FLAGS.schedule,
         steps=FLAGS.steps, restarts=FLAGS.restarts, box=FLAGS.box, init=FLAGS.init,
         priors={"tv_spatial": FLAGS.tv_spatial, "tv_temporal": FLAGS.tv_temporal},
-        batching=FLAGS.batching, conv=FLAGS.conv, log_every=FLAGS.log_every,
+        batching=FLAGS.batching, map_batch_size=FLAGS.map_batch_size, conv=FLAGS.conv,
+        log_every=FLAGS.log_every,
         param=FLAGS.param, residual_l1=FLAGS.residual_l1, residual_l2=FLAGS.residual_l2,
         residual_tv=FLAGS.residual_tv, attack_scale=int(FLAGS.attack_scale))
     return runner.RunConfig(

@@ -26,10 +26,11 @@ def _run(attack, state, steps):
   return state
 
 
-@pytest.mark.parametrize("batching", ["vmap", "map"])
-def test_batched_restarts_equal_independent_runs(batching):
-  apply_fn, params, target, clips, labels = _target()
-  config = vl.attack.AttackConfig(restarts=3, steps=6, log_every=2, batching=batching)
+@pytest.mark.parametrize("batching, map_batch_size", [("vmap", 2), ("map", 1), ("map", 2)])
+def test_batched_restarts_equal_independent_runs(batching, map_batch_size):
+  apply_fn, params, target, clips, labels = _target()  # R = 3: map/2 has a partial last group
+  config = vl.attack.AttackConfig(restarts=3, steps=6, log_every=2, batching=batching,
+                                  map_batch_size=map_batch_size)
   attack = vl.attack.make_attack(apply_fn, params, target, labels, clips.shape, config)
   state = _run(attack, attack.init(jax.random.key(0)), 6)
 
@@ -142,6 +143,8 @@ def test_bad_inputs_are_rejected_with_clear_errors():
     vl.attack.AttackConfig(optimizer="adamw")
   with pytest.raises(ValueError, match="steps"):
     vl.attack.AttackConfig(steps=-1)
+  with pytest.raises(ValueError, match="map_batch_size must be >= 1, got 0"):
+    vl.attack.AttackConfig(map_batch_size=0)
 
 
 def test_reference_frames_of_the_camera_improve_the_reconstruction():

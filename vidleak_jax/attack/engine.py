@@ -1,11 +1,13 @@
 """The attack as an optax-style pair: `init(key) -> AttackState`, `run(state, n) -> (state, metrics)`.
 
 Nothing here is jitted; `reconstruct` (or a caller's runner) jits `run` once. All R restarts are
-updated inside one call, batched by `vmap` or `lax.map` (see `AttackConfig.batching`).
+updated inside one call, batched by `vmap` or a `lax.map` over small vmapped groups (see
+`AttackConfig.batching`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -61,11 +63,13 @@ def init_candidates(key: jax.Array, shape: tuple[int, ...], kind: str,
   return 0.5 + noise  # "gray"
 
 
-def _map_candidates(fn: Callable, batching: str, *args):
-  """fn over the leading candidate axis; a single candidate is always vmapped (no loop)."""
-  if batching == "vmap" or jax.tree.leaves(args)[0].shape[0] == 1:
+def _map_candidates(fn: Callable, *args, batching: str, batch_size: int):
+  """fn over the leading candidate axis: all vmapped at once ("vmap"), or a `lax.map` over groups
+  of `batch_size` vmapped candidates ("map"; R <= batch_size is a single group, no loop)."""
+  restarts = jax.tree.leaves(args)[0].shape[0]
+  if batching == "vmap" or restarts <= batch_size:
     return jax.vmap(fn)(*args)
-  return jax.lax.map(lambda a: fn(*a), args)
+  return jax.lax.map(lambda a: fn(*a), args, batch_size=batch_size)
 
 
 def _keep_best(state: AttackState, loss: jax.Array, candidates: jax.Array):
@@ -95,6 +99,8 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
   opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
   priors = [(PRIORS.get(name), w) for name, w in sorted(config.priors.items()) if w > 0]
   batching, conv = resolve_batching(config.batching), resolve_conv(config.conv)
+  map_candidates = functools.partial(_map_candidates, batching=batching,
+                                     batch_size=config.map_batch_size)
 
   def objective(latents: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     clips = param.decode(latents)
@@ -111,7 +117,7 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
   def init(key: jax.Array) -> AttackState:
     shape = (config.restarts, *param.latent_shape)
     candidates = param.encode(init_candidates(key, shape, config.init, references))
-    opt_state = _map_candidates(opt.init, batching, candidates)
+    opt_state = map_candidates(opt.init, candidates)
     return AttackState(candidates, opt_state, jnp.zeros((), jnp.int32),
                        jnp.full((config.restarts,), jnp.inf, jnp.float32), candidates)
 
@@ -124,8 +130,8 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
     return new_x, opt_state, value, aux["grad_match"]
 
   def one_step(state: AttackState) -> tuple[AttackState, dict[str, jax.Array]]:
-    new_x, opt_state, loss, match = _map_candidates(
-        candidate_step, batching, state.candidates, state.opt_state)
+    new_x, opt_state, loss, match = map_candidates(candidate_step, state.candidates,
+                                                   state.opt_state)
     # `loss` is the objective at the pre-update candidates.
     best_loss, best = _keep_best(state, loss, state.candidates)
     return (AttackState(new_x, opt_state, state.step + 1, best_loss, best),
@@ -144,7 +150,7 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
     return jax.lax.scan(body, state, jnp.arange(config.log_every))
 
   def finalize(state: AttackState) -> AttackState:
-    loss = _map_candidates(value_fn, batching, state.candidates)
+    loss = map_candidates(value_fn, state.candidates)
     best_loss, best = _keep_best(state, loss, state.candidates)
     return state._replace(best_loss=best_loss, best_candidates=best)
 
