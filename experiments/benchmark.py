@@ -8,6 +8,7 @@ target gradient and initial candidates (needs `pip install -e ".[bench]"`).
 
   python -m experiments.benchmark --victims=c3d,frame_cnn --restarts=1,8,32 --batching=both
   python -m experiments.benchmark --vs=torch --victims=c3d,frame_cnn --restarts=1,4
+  python -m experiments.benchmark --vs=torch --restarts=1,32 --gemm_ceiling  # + the matmul floor
 
 The measuring code lives in `experiments.benchmark_core` (no flags, importable by tests).
 """
@@ -35,6 +36,9 @@ _CONV = flags.DEFINE_enum("conv", "auto", [*CONVS, "both"],
                           "Victim conv kernels in the attack: auto (im2col), xla, im2col, or both.")
 _BATCHING = flags.DEFINE_enum("batching", "auto", [*BATCHING, "both"],
                               "How the R restarts are batched: vmap, map, or both.")
+_MAP_BATCH_SIZE = flags.DEFINE_integer(
+    "map_batch_size", vl.attack.AttackConfig().map_batch_size,
+    "With batching=map: candidates vmapped together per lax.map step.", lower_bound=1)
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed dispatches per configuration.", lower_bound=1)
 _STEPS_PER_DISPATCH = flags.DEFINE_integer(
     "steps_per_dispatch", 1, "Optimizer steps per jitted dispatch (AttackConfig.log_every).",
@@ -43,6 +47,10 @@ _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", list(MATMUL_PRECISIONS),
     "float32 matmul/conv precision on both sides (the runner's default is highest; 'default' "
     "lets GPUs use TF32).")
+_GEMM_CEILING = flags.DEFINE_bool(
+    "gemm_ceiling", False,
+    "Also time the step's matrix products alone (XLA's kernels, at the step's shapes): the "
+    "candidate-steps/s that no rewrite of the other work could exceed (experiments.gemm_ceiling).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for the victim, data and candidates.")
 _VS = flags.DEFINE_enum("vs", "none", ["none", "torch"],
                         "Also time a peer implementation on the identical setup: none or torch.")
@@ -98,9 +106,13 @@ def main(argv: Sequence[str]) -> None:
       for batching, conv in itertools.product(batchings, convs):
         _log(f"[{victim} R={r} batching={batching} conv={conv}] compiling + timing ...")
         row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
-                        _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value)
+                        _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
+                        _GEMM_CEILING.value, _MAP_BATCH_SIZE.value)
         _log(f"  compile {row['compile_s']:.2f}s, step {1e3 * row['step_s']:.2f}ms, "
              f"{row['candidate_steps_per_s']:.2f} candidate steps/s")
+        if "gemm_s_per_step" in row:
+          _log(f"  matmuls alone {1e3 * row['gemm_s_per_step']:.2f}ms per step: ceiling "
+               f"{row['gemm_ceiling_candidate_steps_per_s']:.2f} candidate steps/s")
         if "torch_step_s" in row:
           _log(f"  torch ({row['torch_mode']}): step {1e3 * row['torch_step_s']:.2f}ms, "
                f"{row['torch_candidate_steps_per_s']:.2f} candidate steps/s, "

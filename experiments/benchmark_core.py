@@ -8,6 +8,7 @@ rows. The command line is `experiments.benchmark`.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from experiments.gemm_ceiling import candidate_step_gemm_ceiling
 from experiments.host_memory import host_mark, host_peak_since
 import vidleak_jax as vl
 from vidleak_jax.attack.config import resolve_batching, resolve_conv
@@ -58,11 +60,13 @@ def candidate_step_flops(attack: Any, candidate: jax.Array) -> float:
 
 def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, int, int],
               steps: int, steps_per_dispatch: int, seed: int, vs: str = "none",
-              torch_mode: str = "auto", conv: str = "auto", precision: str = "highest"
+              torch_mode: str = "auto", conv: str = "auto", precision: str = "highest",
+              gemm_ceiling: bool = False, map_batch_size: int | None = None
               ) -> dict[str, Any]:
   """Compiles and times `attack.run` for one victim × R × batching; returns one result row.
 
   With `vs="torch"` the PyTorch peer is timed on the same params, target and initial candidates.
+  With `gemm_ceiling` the row also holds the step's matmul floor (`experiments.gemm_ceiling`).
   """
   t, h, w, c = clip
   k_model, k_data, k_init = jax.random.split(jax.random.key(seed), 3)
@@ -74,6 +78,8 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   target = vl.fl.updates.client_update(apply_fn, params, clips, labels)
   config = vl.attack.AttackConfig(restarts=restarts, batching=batching, conv=conv,
                                   log_every=steps_per_dispatch)
+  if map_batch_size is not None:
+    config = dataclasses.replace(config, map_batch_size=map_batch_size)
   attack = vl.attack.make_attack(apply_fn, params, target, labels, tuple(clips.shape), config)
   state = jax.block_until_ready(attack.init(k_init))
   init_candidates = state.candidates
@@ -101,12 +107,18 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   row = {
       "victim": victim, "clip": list(clip), "restarts": restarts, "matmul_precision": precision,
       "batching": resolve_batching(batching), "conv": resolve_conv(conv),
+      "map_batch_size": config.map_batch_size,
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
       "compile_s": compile_s, "step_s": step_s, "steps_per_s": 1.0 / step_s,
       "candidate_steps_per_s": restarts / step_s,
       "jax_peak_mem_bytes": peak, "jax_peak_mem_source": source,
       "candidate_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops * restarts / step_s / 1e9,
   }
+  if gemm_ceiling:
+    with jax.default_matmul_precision(precision):
+      group = restarts if row["batching"] == "vmap" else min(config.map_batch_size, restarts)
+      row.update(candidate_step_gemm_ceiling(lambda x: attack.objective(x)[0], init_candidates,
+                                             group))
   if vs == "torch":
     from experiments import torch_peer  # imports torch: only with --vs=torch
 
@@ -121,19 +133,27 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Rows as a markdown table (with the torch-peer columns when the rows have them)."""
+  """Rows as a markdown table (with the matmul-floor and torch-peer columns when rows have them)."""
   vs = any("torch_step_s" in r for r in rows)
+  gemm = any("gemm_s_per_step" in r for r in rows)
   cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s", "step ms", "steps/s",
           "cand. steps/s", "GFLOP/s"]
+  if gemm:
+    cols += ["matmul-only ms", "matmul ceiling cand. steps/s"]
   if vs:
     cols += ["torch mode", "torch 1st step s", "torch step ms", "torch cand. steps/s",
              "speedup", "JAX peak MB", "torch peak MB"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
-    cells = [r["victim"], "x".join(map(str, r["clip"])), r["restarts"], r["batching"], r["conv"],
+    batching = r["batching"] + (f"/{r['map_batch_size']}" if r["batching"] == "map" else "")
+    cells = [r["victim"], "x".join(map(str, r["clip"])), r["restarts"], batching, r["conv"],
              r["backend"], f"{r['compile_s']:.2f}", f"{1e3 * r['step_s']:.2f}",
              f"{r['steps_per_s']:.2f}", f"{r['candidate_steps_per_s']:.2f}",
              f"{r['achieved_gflop_per_s']:.1f}"]
+    if gemm and "gemm_s_per_step" in r:
+      cells += [f"{1e3 * r['gemm_s_per_step']:.2f}", f"{r['gemm_ceiling_candidate_steps_per_s']:.1f}"]
+    elif gemm:
+      cells += ["-", "-"]
     if vs and "torch_step_s" in r:
       cells += [r["torch_mode"], f"{r['torch_compile_s']:.2f}", f"{1e3 * r['torch_step_s']:.2f}",
                 f"{r['torch_candidate_steps_per_s']:.2f}", f"{r['speedup']:.2f}x",
