@@ -4,9 +4,11 @@ matrix products were free.
 `dot_specs` reads every `dot` that XLA kept in the *optimised* HLO of a function (operand shapes,
 physical layouts and dimension numbers: what the compiled program runs); `time_dots` times each
 distinct product alone with XLA's own kernels on this device, operands warm in cache and the cost
-of an empty dispatch subtracted. The sum is therefore optimistic: no real run of the function can
-spend less time in its matrix products. The benchmark uses it to bound what any rewrite of the
-non-matmul work could reach.
+of an empty dispatch subtracted. For products large enough to keep every core busy (those of a
+batched attack step) the sum is a floor: no run of the step spends less time in them. Products of a few microseconds cost
+more in a call of their own than inside a fused program, so for a single small candidate the sum
+can exceed the whole step. The benchmark uses it to bound what any rewrite of the non-matmul work
+could reach.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ class AttackConfig:
   layer_weights: parameter-path prefix -> weight in the objective (see `resolve_layer_weights`).
   batching: how the R restarts are batched inside the jitted step: "vmap" (one vectorised
   computation) or "map" (`lax.map` over groups of `map_batch_size` vmapped candidates); "auto" =
-  "map" on CPU (small groups stay in cache: on 2 cores groups of 2 ran 1.1–1.4× faster per
-  candidate than 1 or 32, see BUILD.md), "vmap" on GPU/TPU.
+  "map" on CPU (a small group stays in cache yet batches its matmuls: c3d at R = 32 ran 1.2×
+  faster per candidate in pairs than one at a time or all 32 vmapped; BUILD.md), "vmap" on GPU/TPU.
   conv: implementation of the victim's convolutions while the attack traces them (see
   `vidleak_jax.models.layers`); "auto" = "im2col", which keeps per-candidate weight gradients
   as batched matmuls instead of grouped convolutions. Same function either way.
