@@ -38,7 +38,7 @@ _BATCHING = flags.DEFINE_enum("batching", "auto", [*BATCHING, "both"],
                               "How the R restarts are batched: vmap, map, or both.")
 _MAP_BATCH_SIZE = flags.DEFINE_integer(
     "map_batch_size", vl.attack.AttackConfig().map_batch_size,
-    "With batching=map: candidates vmapped together per lax.map step.", lower_bound=1)
+    "With batching=map: candidates vmapped together per lax.map step (0: auto).", lower_bound=0)
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed dispatches per configuration.", lower_bound=1)
 _STEPS_PER_DISPATCH = flags.DEFINE_integer(
     "steps_per_dispatch", 1, "Optimizer steps per jitted dispatch (AttackConfig.log_every).",

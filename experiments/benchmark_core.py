@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from experiments.gemm_ceiling import candidate_step_gemm_ceiling
 from experiments.host_memory import host_mark, host_peak_since
 import vidleak_jax as vl
-from vidleak_jax.attack.config import resolve_batching, resolve_conv
+from vidleak_jax.attack.config import resolve_batching, resolve_conv, resolve_map_batch_size
 
 NUM_CLASSES = 4
 
@@ -107,7 +107,7 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   row = {
       "victim": victim, "clip": list(clip), "restarts": restarts, "matmul_precision": precision,
       "batching": resolve_batching(batching), "conv": resolve_conv(conv),
-      "map_batch_size": config.map_batch_size,
+      "map_batch_size": resolve_map_batch_size(config.map_batch_size, tuple(clips.shape)),
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
       "compile_s": compile_s, "step_s": step_s, "steps_per_s": 1.0 / step_s,
       "candidate_steps_per_s": restarts / step_s,
@@ -116,7 +116,7 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   }
   if gemm_ceiling:
     with jax.default_matmul_precision(precision):
-      group = restarts if row["batching"] == "vmap" else min(config.map_batch_size, restarts)
+      group = restarts if row["batching"] == "vmap" else min(row["map_batch_size"], restarts)
       row.update(candidate_step_gemm_ceiling(lambda x: attack.objective(x)[0], init_candidates,
                                              group))
   if vs == "torch":

@@ -64,8 +64,9 @@ flags.DEFINE_enum("batching", _ATTACK_DEFAULTS.batching, list(attack.config.BATC
                   "How restarts are batched in the jitted step (auto: map on CPU, vmap on "
                   "GPU/TPU).")
 flags.DEFINE_integer("map_batch_size", _ATTACK_DEFAULTS.map_batch_size,
-                     "With --batching=map: restarts vmapped together per lax.map step.",
-                     lower_bound=1)
+                     "With --batching=map: restarts vmapped together per lax.map step (0: "
+                     "auto, pairs for clips of <= 65,536 values, else one at a time).",
+                     lower_bound=0)
 flags.DEFINE_enum("conv", _ATTACK_DEFAULTS.conv, list(attack.config.CONVS),
                   "Victim convolution kernels while attacking (auto: im2col).")
 flags.DEFINE_integer("log_every", _ATTACK_DEFAULTS.log_every, "Steps per dispatch / log line.",

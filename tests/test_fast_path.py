@@ -55,6 +55,10 @@ def test_auto_choices_and_unknown_strategies():
   assert vl.attack.config.resolve_batching("auto") == (
       "map" if jax.default_backend() == "cpu" else "vmap")
   assert vl.attack.config.resolve_conv("auto") == "im2col"
+  resolve_group = vl.attack.config.resolve_map_batch_size
+  assert config.map_batch_size == 0  # auto: pairs of small clips, single large ones
+  assert resolve_group(0, (1, 8, 32, 32, 3)) == 2 and resolve_group(0, (1, 16, 112, 112, 3)) == 1
+  assert resolve_group(3, (1, 16, 112, 112, 3)) == 3
   with pytest.raises(KeyError, match="im2col"):
     vl.attack.AttackConfig(conv="winograd")
   with pytest.raises(KeyError, match="vmap"):

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vidleak_jax.attack.config import AttackConfig, resolve_batching, resolve_conv
+from vidleak_jax.attack.config import (AttackConfig, resolve_batching, resolve_conv,
+                                       resolve_map_batch_size)
 from vidleak_jax.attack.objectives import gradient_matching_loss
 from vidleak_jax.attack.optimizers import make_optimizer
 from vidleak_jax.attack.parametrize import make_parametrization
@@ -99,8 +100,9 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
   opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
   priors = [(PRIORS.get(name), w) for name, w in sorted(config.priors.items()) if w > 0]
   batching, conv = resolve_batching(config.batching), resolve_conv(config.conv)
-  map_candidates = functools.partial(_map_candidates, batching=batching,
-                                     batch_size=config.map_batch_size)
+  map_candidates = functools.partial(
+      _map_candidates, batching=batching,
+      batch_size=resolve_map_batch_size(config.map_batch_size, clip_shape))
 
   def objective(latents: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     clips = param.decode(latents)
