@@ -23,7 +23,7 @@ from typing import Sequence
 import jax
 from absl import app, flags
 
-from experiments.benchmark_core import bench_one, markdown_table, matmul_gflops
+from experiments.benchmark_core import bench_one, combine_rounds, markdown_table, matmul_gflops
 import vidleak_jax as vl
 from vidleak_jax.attack.config import BATCHING, CONVS
 from vidleak_jax.runner import MATMUL_PRECISIONS
@@ -40,6 +40,9 @@ _MAP_BATCH_SIZE = flags.DEFINE_integer(
     "map_batch_size", vl.attack.AttackConfig().map_batch_size,
     "With batching=map: candidates vmapped together per lax.map step (0: auto).", lower_bound=0)
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed dispatches per configuration.", lower_bound=1)
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Time every configuration this many times, round-robin (all configurations once "
+    "per round); rows report medians over rounds and the per-round range.", lower_bound=1)
 _STEPS_PER_DISPATCH = flags.DEFINE_integer(
     "steps_per_dispatch", 1, "Optimizer steps per jitted dispatch (AttackConfig.log_every).",
     lower_bound=1)
@@ -100,24 +103,28 @@ def main(argv: Sequence[str]) -> None:
     _log(f"torch {torch.__version__}: {torch.get_num_threads()} threads")
   _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clip={clip}; "
        f"a 2048x2048 float32 matmul runs at {matmul_gflops():.0f} GFLOP/s")
-  rows = []
-  for victim in _VICTIMS.value:
-    for r in restarts:
-      for batching, conv in itertools.product(batchings, convs):
-        _log(f"[{victim} R={r} batching={batching} conv={conv}] compiling + timing ...")
-        row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
-                        _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
-                        _GEMM_CEILING.value, _MAP_BATCH_SIZE.value)
-        _log(f"  compile {row['compile_s']:.2f}s, step {1e3 * row['step_s']:.2f}ms, "
-             f"{row['candidate_steps_per_s']:.2f} candidate steps/s")
-        if "gemm_s_per_step" in row:
-          _log(f"  matmuls alone {1e3 * row['gemm_s_per_step']:.2f}ms per step: ceiling "
-               f"{row['gemm_ceiling_candidate_steps_per_s']:.2f} candidate steps/s")
-        if "torch_step_s" in row:
-          _log(f"  torch ({row['torch_mode']}): step {1e3 * row['torch_step_s']:.2f}ms, "
-               f"{row['torch_candidate_steps_per_s']:.2f} candidate steps/s, "
-               f"JAX speedup {row['speedup']:.2f}x")
-        rows.append(row)
+  configurations = list(itertools.product(_VICTIMS.value, restarts, batchings, convs))
+  rounds = []
+  for i in range(_ROUNDS.value):
+    rows = []
+    for victim, r, batching, conv in configurations:
+      round_note = f" round {i + 1}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
+      _log(f"[{victim} R={r} batching={batching} conv={conv}{round_note}] compiling + timing ...")
+      row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
+                      _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
+                      _GEMM_CEILING.value and i == 0, _MAP_BATCH_SIZE.value)
+      _log(f"  compile {row['compile_s']:.2f}s, step {1e3 * row['step_s']:.2f}ms, "
+           f"{row['candidate_steps_per_s']:.2f} candidate steps/s")
+      if "gemm_s_per_step" in row:
+        _log(f"  matmuls alone {1e3 * row['gemm_s_per_step']:.2f}ms per step: ceiling "
+             f"{row['gemm_ceiling_candidate_steps_per_s']:.2f} candidate steps/s")
+      if "torch_step_s" in row:
+        _log(f"  torch ({row['torch_mode']}): step {1e3 * row['torch_step_s']:.2f}ms, "
+             f"{row['torch_candidate_steps_per_s']:.2f} candidate steps/s, "
+             f"JAX speedup {row['speedup']:.2f}x")
+      rows.append(row)
+    rounds.append(rows)
+  rows = combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
   print(json.dumps(rows, indent=2))
   _log(markdown_table(rows))
 

@@ -132,6 +132,47 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   return row
 
 
+def combine_rounds(rounds: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+  """One row per configuration from `rounds[i][j]` (configuration j timed in round i, the
+  configurations interleaved in every round): median step and compile times with the rates derived
+  from them, the range of candidate-steps/s over rounds, and the median of the per-round speedups
+  (each a ratio of two timings taken back to back, so a slow spell of the machine cancels)."""
+  if not rounds or any(len(r) != len(rounds[0]) for r in rounds):
+    raise ValueError("rounds must be a non-empty list of equally long row lists")
+  combined = []
+  for timings in zip(*rounds):
+    row = dict(timings[0], rounds=len(timings))
+    restarts = row["restarts"]
+    for prefix in ("", "torch_"):
+      if f"{prefix}step_s" not in row:
+        continue
+      step_s = statistics.median(t[f"{prefix}step_s"] for t in timings)
+      row[f"{prefix}compile_s"] = statistics.median(t[f"{prefix}compile_s"] for t in timings)
+      row.update({f"{prefix}step_s": step_s, f"{prefix}steps_per_s": 1.0 / step_s,
+                  f"{prefix}candidate_steps_per_s": restarts / step_s})
+      rates = [t[f"{prefix}candidate_steps_per_s"] for t in timings]
+      row[f"{prefix}candidate_steps_per_s_range"] = [min(rates), max(rates)]
+    row["achieved_gflop_per_s"] = row["candidate_step_gflop"] * row["candidate_steps_per_s"]
+    if "speedup" in row:
+      speedups = [t["speedup"] for t in timings]
+      row["speedup"] = statistics.median(speedups)
+      row["speedup_range"] = [min(speedups), max(speedups)]
+    combined.append(row)
+  return combined
+
+
+def _rate(row: dict[str, Any], prefix: str) -> str:
+  """Candidate-steps/s, with the range over rounds when there were several."""
+  cell = f"{row[prefix + 'candidate_steps_per_s']:.2f}"
+  spread = row.get(prefix + "candidate_steps_per_s_range")
+  return cell + (f" ({spread[0]:.0f}–{spread[1]:.0f})" if spread else "")
+
+
+def _speedup(row: dict[str, Any]) -> str:
+  spread = row.get("speedup_range")
+  return f"{row['speedup']:.2f}x" + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else "")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   """Rows as a markdown table (with the matmul-floor and torch-peer columns when rows have them)."""
   vs = any("torch_step_s" in r for r in rows)
@@ -148,15 +189,14 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     batching = r["batching"] + (f"/{r['map_batch_size']}" if r["batching"] == "map" else "")
     cells = [r["victim"], "x".join(map(str, r["clip"])), r["restarts"], batching, r["conv"],
              r["backend"], f"{r['compile_s']:.2f}", f"{1e3 * r['step_s']:.2f}",
-             f"{r['steps_per_s']:.2f}", f"{r['candidate_steps_per_s']:.2f}",
-             f"{r['achieved_gflop_per_s']:.1f}"]
+             f"{r['steps_per_s']:.2f}", _rate(r, ""), f"{r['achieved_gflop_per_s']:.1f}"]
     if gemm and "gemm_s_per_step" in r:
       cells += [f"{1e3 * r['gemm_s_per_step']:.2f}", f"{r['gemm_ceiling_candidate_steps_per_s']:.1f}"]
     elif gemm:
       cells += ["-", "-"]
     if vs and "torch_step_s" in r:
       cells += [r["torch_mode"], f"{r['torch_compile_s']:.2f}", f"{1e3 * r['torch_step_s']:.2f}",
-                f"{r['torch_candidate_steps_per_s']:.2f}", f"{r['speedup']:.2f}x",
+                _rate(r, "torch_"), _speedup(r),
                 f"{r['jax_peak_mem_bytes'] / 2**20:.1f}",
                 f"{r['torch_peak_mem_bytes'] / 2**20:.1f}"]
     lines.append("| " + " | ".join(map(str, cells)) + " |")

@@ -31,3 +31,28 @@ def test_benchmark_row_is_consistent(victim):
 
   table = benchmark.markdown_table([row])
   assert table.count("\n") == 2 and f"| {victim} |" in table
+
+
+def test_rounds_combine_to_medians_with_paired_speedups():
+  def row(step_s, torch_step_s):
+    return {"victim": "c3d", "clip": [8, 32, 32, 3], "restarts": 4, "batching": "map",
+            "map_batch_size": 2, "conv": "im2col", "backend": "cpu", "compile_s": 3.0,
+            "step_s": step_s, "steps_per_s": 1 / step_s, "candidate_steps_per_s": 4 / step_s,
+            "candidate_step_gflop": 0.05, "achieved_gflop_per_s": 0.2 / step_s,
+            "torch_mode": "vmap", "torch_compile_s": 1.0, "torch_step_s": torch_step_s,
+            "torch_steps_per_s": 1 / torch_step_s, "torch_candidate_steps_per_s": 4 / torch_step_s,
+            "speedup": torch_step_s / step_s, "jax_peak_mem_bytes": 1, "torch_peak_mem_bytes": 1}
+
+  # Round 2 ran in a slow spell of the machine: both sides took twice as long.
+  (combined,) = benchmark.combine_rounds([[row(0.010, 0.020)], [row(0.020, 0.040)],
+                                          [row(0.011, 0.022)]])
+  assert combined["rounds"] == 3 and combined["step_s"] == 0.011
+  assert combined["candidate_steps_per_s"] == pytest.approx(4 / 0.011)
+  assert combined["candidate_steps_per_s_range"] == pytest.approx([200.0, 400.0])
+  assert combined["torch_candidate_steps_per_s"] == pytest.approx(4 / 0.022)
+  assert combined["speedup"] == pytest.approx(2.0)
+  assert combined["speedup_range"] == pytest.approx([2.0, 2.0])
+  assert combined["achieved_gflop_per_s"] == pytest.approx(0.05 * 4 / 0.011)
+  assert "(200–400)" in benchmark.markdown_table([combined])
+  with pytest.raises(ValueError, match="equally long"):
+    benchmark.combine_rounds([[row(0.01, 0.02)], []])
