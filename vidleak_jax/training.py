@@ -38,8 +38,9 @@ def _close(manager: ocp.CheckpointManager) -> None:
     manager.close()
 
 
-def _open(directory: str) -> ocp.CheckpointManager | None:
-  """A manager on the checkpoints under `directory`, or None when there are none."""
+def _open(directory: str) -> tuple[ocp.CheckpointManager, int] | None:
+  """(a manager on the checkpoints under `directory`, the newest step), or None when there are
+  none."""
   if not os.path.isdir(directory):
     return None
   manager = _manager(directory, create=False)
@@ -48,11 +49,10 @@ def _open(directory: str) -> ocp.CheckpointManager | None:
   if step is None:
     _close(manager)
     return None
-  return manager
+  return manager, step
 
 
-def _newest_metadata(manager: ocp.CheckpointManager, directory: str) -> dict[str, Any]:
-  step = manager.latest_step()
+def _newest_metadata(manager: ocp.CheckpointManager, step: int, directory: str) -> dict[str, Any]:
   try:
     with without_orbax_info():
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -64,11 +64,12 @@ def _newest_metadata(manager: ocp.CheckpointManager, directory: str) -> dict[str
 
 def read_metadata(directory: str) -> dict[str, Any] | None:
   """The newest checkpoint's JSON metadata (plus "step"), or None when there is none."""
-  manager = _open(directory)
-  if manager is None:
+  opened = _open(directory)
+  if opened is None:
     return None
+  manager, step = opened
   try:
-    return _newest_metadata(manager, directory)
+    return _newest_metadata(manager, step, directory)
   finally:
     _close(manager)
 
@@ -90,13 +91,13 @@ def restore(directory: str, like: dict[str, Any], identity: dict[str, Any], step
 
   With `steps`, a checkpoint beyond it is refused (it would hand back a longer-trained model).
   """
-  manager = _open(directory)
-  if manager is None:
+  opened = _open(directory)
+  if opened is None:
     return None
+  manager, step = opened
   try:
-    meta = _newest_metadata(manager, directory)
+    meta = _newest_metadata(manager, step, directory)
     check_identity(meta, identity, directory)
-    step = meta["step"]
     if steps is not None and step > steps:
       raise ValueError(f"checkpoint directory {directory!r} holds a model trained for {step} "
                        f"steps, more than the {steps} asked for; ask for >= {step} steps or use "
