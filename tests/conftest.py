@@ -21,6 +21,7 @@ jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 VICTIM_NAMES = ("c3d", "frame_cnn", "cnn_rnn")
 TINY = dict(frames=4, height=16, width=16, channels=3)
 

@@ -4,7 +4,6 @@ and the pipeline through the entry point."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -18,8 +17,9 @@ from experiments import feature_table
 from vidleak_jax import features_pipeline, metrics, pretrain, report, runner
 from vidleak_jax.attack import features as fa
 from vidleak_jax.models import heads
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 T, D = 4, 8
 LABELS = jnp.asarray([2])
 

@@ -10,7 +10,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
+
+
 ARGS = ["-m", "experiments.main", "--flagfile=experiments/flags/tiny.flags", "--restarts=4",
         "--quiet"]
 

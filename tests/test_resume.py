@@ -18,10 +18,9 @@ from jax.experimental.compilation_cache import compilation_cache
 from tensorboardX.proto import event_pb2
 
 import vidleak_jax as vl
-from tests.conftest import tiny_batch, tiny_victim
+from tests.conftest import ROOT, tiny_batch, tiny_victim
 from vidleak_jax import logging_io
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = vl.attack.AttackConfig(restarts=2, steps=12, log_every=3)  # signed Adam, multistep lr
 
 

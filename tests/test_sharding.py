@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
+
 
 SCRIPT = textwrap.dedent("""
     import jax, numpy as np

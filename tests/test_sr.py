@@ -19,8 +19,7 @@ from vidleak_jax import metrics, report, runner, training
 from vidleak_jax.data import synthetic
 from vidleak_jax.metrics_lpips import lpips
 from vidleak_jax.sr import apply, methods, models, stage, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("name", ["espcn", "edsr"])

@@ -16,8 +16,9 @@ from absl import flags
 
 from experiments import sweep as sweep_cli
 from vidleak_jax import sweep
+from tests.conftest import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.+=,~-]+")
 
 
