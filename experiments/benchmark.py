@@ -23,7 +23,8 @@ from typing import Sequence
 import jax
 from absl import app, flags
 
-from experiments.benchmark_core import bench_one, combine_rounds, markdown_table, matmul_gflops
+from experiments.benchmark_core import (add_cost_vs_single, bench_one, combine_rounds,
+                                        markdown_table, matmul_gflops)
 import vidleak_jax as vl
 from vidleak_jax.attack.config import BATCHING, CONVS
 from vidleak_jax.runner import MATMUL_PRECISIONS
@@ -112,7 +113,7 @@ def main(argv: Sequence[str]) -> None:
       _log(f"[{victim} R={r} batching={batching} conv={conv}{round_note}] compiling + timing ...")
       row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
                       _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
-                      _GEMM_CEILING.value and i == 0, _MAP_BATCH_SIZE.value)
+                      _GEMM_CEILING.value, _MAP_BATCH_SIZE.value)
       _log(f"  compile {row['compile_s']:.2f}s, step {1e3 * row['step_s']:.2f}ms, "
            f"{row['candidate_steps_per_s']:.2f} candidate steps/s")
       if "gemm_s_per_step" in row:
@@ -123,7 +124,7 @@ def main(argv: Sequence[str]) -> None:
              f"{row['torch_candidate_steps_per_s']:.2f} candidate steps/s, "
              f"JAX speedup {row['speedup']:.2f}x")
       rows.append(row)
-    rounds.append(rows)
+    rounds.append(add_cost_vs_single(rows))
   rows = combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
   print(json.dumps(rows, indent=2))
   _log(markdown_table(rows))

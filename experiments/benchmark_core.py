@@ -132,11 +132,40 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   return row
 
 
+def add_cost_vs_single(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Rows of one round with the per-candidate cost relative to one candidate alone.
+
+  `candidate_cost_vs_r1` = (step_s / R) / s1 and, with a matmul floor, `gemm_floor_vs_r1` =
+  (gemm_s_per_step / R) / s1, where s1 is the fastest R = 1 step of the same victim, clip and conv
+  in `rows` (any batching: at R = 1 they compute the same thing). Below 1, batching pays; the
+  floor ratio is the least the first could become with XLA's matrix products unchanged. Rows
+  without an R = 1 partner are returned unchanged.
+  """
+  def family(row):
+    return row["victim"], tuple(row["clip"]), row["conv"]
+
+  single = {}
+  for row in rows:
+    if row["restarts"] == 1:
+      single[family(row)] = min(row["step_s"], single.get(family(row), float("inf")))
+  out = []
+  for row in rows:
+    row = dict(row)
+    base = single.get(family(row))
+    if base is not None:
+      row["candidate_cost_vs_r1"] = row["step_s"] / row["restarts"] / base
+      if "gemm_s_per_step" in row:
+        row["gemm_floor_vs_r1"] = row["gemm_s_per_step"] / row["restarts"] / base
+    out.append(row)
+  return out
+
+
 def combine_rounds(rounds: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
   """One row per configuration from `rounds[i][j]` (configuration j timed in round i, the
   configurations interleaved in every round): median step and compile times with the rates derived
   from them, the range of candidate-steps/s over rounds, and the median of the per-round speedups
-  (each a ratio of two timings taken back to back, so a slow spell of the machine cancels)."""
+  (each a ratio of two timings taken back to back, so a slow spell of the machine cancels); the
+  matmul floor and the ratios of `add_cost_vs_single` likewise as medians with their ranges."""
   if not rounds or any(len(r) != len(rounds[0]) for r in rounds):
     raise ValueError("rounds must be a non-empty list of equally long row lists")
   combined = []
@@ -153,6 +182,13 @@ def combine_rounds(rounds: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str,
       rates = [t[f"{prefix}candidate_steps_per_s"] for t in timings]
       row[f"{prefix}candidate_steps_per_s_range"] = [min(rates), max(rates)]
     row["achieved_gflop_per_s"] = row["candidate_step_gflop"] * row["candidate_steps_per_s"]
+    if "gemm_s_per_step" in row:
+      row["gemm_s_per_step"] = statistics.median(t["gemm_s_per_step"] for t in timings)
+      row["gemm_ceiling_candidate_steps_per_s"] = restarts / row["gemm_s_per_step"]
+    for ratio in ("candidate_cost_vs_r1", "gemm_floor_vs_r1"):  # paired within each round
+      if ratio in row:
+        values = [t[ratio] for t in timings]
+        row[ratio], row[f"{ratio}_range"] = statistics.median(values), [min(values), max(values)]
     if "speedup" in row:
       speedups = [t["speedup"] for t in timings]
       row["speedup"] = statistics.median(speedups)
@@ -168,19 +204,26 @@ def _rate(row: dict[str, Any], prefix: str) -> str:
   return cell + (f" ({spread[0]:.0f}–{spread[1]:.0f})" if spread else "")
 
 
-def _speedup(row: dict[str, Any]) -> str:
-  spread = row.get("speedup_range")
-  return f"{row['speedup']:.2f}x" + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else "")
+def _ratio(row: dict[str, Any], key: str, suffix: str = "") -> str:
+  """`row[key]` with 2 decimals (and its range over rounds), "-" when absent."""
+  if key not in row:
+    return "-"
+  spread = row.get(f"{key}_range")
+  return f"{row[key]:.2f}{suffix}" + (f" ({spread[0]:.2f}–{spread[1]:.2f})" if spread else "")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Rows as a markdown table (with the matmul-floor and torch-peer columns when rows have them)."""
+  """Rows as a markdown table (with the matmul-floor, cost-vs-R=1 and torch-peer columns when rows
+  have them)."""
   vs = any("torch_step_s" in r for r in rows)
   gemm = any("gemm_s_per_step" in r for r in rows)
+  relative = any("candidate_cost_vs_r1" in r for r in rows)
   cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s", "step ms", "steps/s",
           "cand. steps/s", "GFLOP/s"]
   if gemm:
     cols += ["matmul-only ms", "matmul ceiling cand. steps/s"]
+  if relative:
+    cols += ["cost per cand. ÷ R=1"] + (["matmul floor ÷ R=1"] if gemm else [])
   if vs:
     cols += ["torch mode", "torch 1st step s", "torch step ms", "torch cand. steps/s",
              "speedup", "JAX peak MB", "torch peak MB"]
@@ -194,9 +237,12 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
       cells += [f"{1e3 * r['gemm_s_per_step']:.2f}", f"{r['gemm_ceiling_candidate_steps_per_s']:.1f}"]
     elif gemm:
       cells += ["-", "-"]
+    if relative:
+      cells += [_ratio(r, key) for key in ("candidate_cost_vs_r1", "gemm_floor_vs_r1")
+                if key != "gemm_floor_vs_r1" or gemm]
     if vs and "torch_step_s" in r:
       cells += [r["torch_mode"], f"{r['torch_compile_s']:.2f}", f"{1e3 * r['torch_step_s']:.2f}",
-                _rate(r, "torch_"), _speedup(r),
+                _rate(r, "torch_"), _ratio(r, "speedup", "x"),
                 f"{r['jax_peak_mem_bytes'] / 2**20:.1f}",
                 f"{r['torch_peak_mem_bytes'] / 2**20:.1f}"]
     lines.append("| " + " | ".join(map(str, cells)) + " |")

@@ -56,3 +56,34 @@ def test_rounds_combine_to_medians_with_paired_speedups():
   assert "(200–400)" in benchmark.markdown_table([combined])
   with pytest.raises(ValueError, match="equally long"):
     benchmark.combine_rounds([[row(0.01, 0.02)], []])
+
+
+def test_cost_per_candidate_is_relative_to_the_fastest_single_candidate_row():
+  def row(restarts, batching, step_s, gemm_s, victim="c3d"):
+    return {"victim": victim, "clip": [8, 32, 32, 3], "restarts": restarts, "batching": batching,
+            "conv": "im2col", "step_s": step_s, "gemm_s_per_step": gemm_s}
+
+  round_1 = benchmark.add_cost_vs_single([
+      row(1, "vmap", 0.010, 0.004), row(1, "map", 0.012, 0.004), row(32, "vmap", 0.160, 0.128),
+      row(32, "map", 0.320, 0.064), row(32, "map", 1.0, 0.5, victim="frame_cnn")])
+  # R = 32 vmap: 0.160 / 32 = 5 ms per candidate against the fastest R = 1 step of 10 ms.
+  assert round_1[2]["candidate_cost_vs_r1"] == pytest.approx(0.5)
+  assert round_1[2]["gemm_floor_vs_r1"] == pytest.approx(0.4)
+  assert round_1[3]["candidate_cost_vs_r1"] == pytest.approx(1.0)
+  assert round_1[1]["candidate_cost_vs_r1"] == pytest.approx(1.2)
+  assert "candidate_cost_vs_r1" not in round_1[4]  # no R = 1 row of that victim
+
+  # A slow round (everything twice as long) leaves the paired ratios unchanged.
+  round_2 = benchmark.add_cost_vs_single([
+      row(1, "vmap", 0.020, 0.008), row(1, "map", 0.024, 0.008), row(32, "vmap", 0.320, 0.256),
+      row(32, "map", 0.640, 0.128), row(32, "map", 2.0, 1.0, victim="frame_cnn")])
+  for r in round_1 + round_2:
+    r.update(candidate_steps_per_s=r["restarts"] / r["step_s"], candidate_step_gflop=0.05,
+             compile_s=1.0, backend="cpu", map_batch_size=2,
+             gemm_ceiling_candidate_steps_per_s=r["restarts"] / r["gemm_s_per_step"])
+  combined = benchmark.combine_rounds([round_1, round_2])
+  assert combined[2]["candidate_cost_vs_r1"] == pytest.approx(0.5)
+  assert combined[2]["candidate_cost_vs_r1_range"] == pytest.approx([0.5, 0.5])
+  assert combined[2]["gemm_s_per_step"] == pytest.approx((0.128 + 0.256) / 2)
+  table = benchmark.markdown_table(combined)
+  assert "cost per cand. ÷ R=1" in table and "| 0.50 (0.50–0.50) | 0.40 (0.40–0.40) |" in table
