@@ -1,5 +1,6 @@
 """The feature sweep's table: one csv line per (seed, row), one markdown row per head with
-mean ± std over seeds. Free of command-line flags (importable anywhere)."""
+mean ± std over seeds, and the test of whether recovery error grows with MLP depth. Free of
+command-line flags (importable anywhere)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import io
 import os
 
 import numpy as np
+from scipy import stats
 
 from vidleak_jax import report
 
 COLUMNS = ("pipeline", "head", "head_params", "feature_rel_error", "pooled_feature_rel_error",
            "feature_cosine", "psnr", "ssim", "psnr_end_to_end", "label_accuracy", "seed")
+DEPTH_ORDER = ("linear", "mlp1", "mlp2", "mlp3")  # MLP heads with 0, 1, 2, 3 hidden layers
 _AVERAGED = ("feature_rel_error", "pooled_feature_rel_error", "feature_cosine", "psnr", "ssim",
              "psnr_end_to_end", "label_accuracy")
 
@@ -50,8 +53,41 @@ def _cell(column: str, value) -> str:
   return _format(column, value)
 
 
+def depth_trend(rows: list[dict], column: str = "feature_rel_error") -> dict | None:
+  """Does `column` grow with MLP depth? Page's L test for an increasing trend over DEPTH_ORDER,
+  blocked by seed (the seeds that have all four heads; csv strings are accepted as numbers).
+
+  Returns seeds, the per-head mean and standard error [4], Page's L and its one-sided p-value,
+  and in how many seeds the deepest head exceeds the linear one; None for fewer than two seeds.
+  """
+  by_seed: dict = {}
+  for row in rows:
+    if row.get("head") in DEPTH_ORDER and row.get(column) not in (None, ""):
+      by_seed.setdefault(str(row.get("seed")), {})[row["head"]] = float(row[column])
+  blocks = [[heads[h] for h in DEPTH_ORDER] for heads in by_seed.values()
+            if len(heads) == len(DEPTH_ORDER)]
+  if len(blocks) < 2:
+    return None
+  data = np.asarray(blocks)  # [seeds, 4]
+  test = stats.page_trend_test(data)
+  return {"seeds": len(blocks), "mean": data.mean(0).tolist(),
+          "sem": (data.std(0, ddof=1) / np.sqrt(len(blocks))).tolist(),
+          "page_l": float(test.statistic), "p_value": float(test.pvalue),
+          "deepest_above_linear": int(np.sum(data[:, -1] > data[:, 0]))}
+
+
+def _trend_line(trend: dict, column: str) -> str:
+  means = " / ".join(f"{m:.3f}" for m in trend["mean"])
+  sems = " / ".join(f"{s:.3f}" for s in trend["sem"])
+  return (f"{column} vs MLP depth ({' → '.join(DEPTH_ORDER)}, {trend['seeds']} seeds): means "
+          f"{means} (standard errors {sems}); Page's trend test for growth with depth L = "
+          f"{trend['page_l']:.0f}, p = {trend['p_value']:.3g}; {DEPTH_ORDER[-1]} above "
+          f"{DEPTH_ORDER[0]} in {trend['deepest_above_linear']} of {trend['seeds']} seeds.")
+
+
 def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> None:
-  """<name>.csv (one line per row: per seed) and <name>.md (mean ± std over seeds), atomically."""
+  """<name>.csv (one line per row: per seed) and <name>.md (mean ± std over seeds, then the depth
+  trend of the feature error when two or more seeds have every MLP head), atomically."""
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
   writer.writeheader()
@@ -60,4 +96,7 @@ def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> N
   lines = [caption, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   lines += ["| " + " | ".join(_cell(c, row.get(c)) for c in COLUMNS) + " |"
             for row in average_over_seeds(rows)]
+  trend = depth_trend(rows)
+  if trend is not None:
+    lines += ["", _trend_line(trend, "feature_rel_error")]
   report.write_text(os.path.join(directory, f"{name}.md"), "\n".join(lines) + "\n")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import vidleak_jax as vl
-from experiments import feature_table
 from vidleak_jax import features_pipeline, metrics, pretrain, report, runner
 from vidleak_jax.attack import features as fa
 from vidleak_jax.models import heads
@@ -187,29 +186,6 @@ def test_bad_feature_flags_exit_with_one_message(tmp_path, bad, expected):
   assert expected in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
-
-
-def test_sweep_table_is_written_as_markdown_and_csv(tmp_path):
-  rows = [{"pipeline": "frames (C3D)", "head": "-", "psnr": 30.4219, "ssim": 0.925},
-          {"pipeline": "features (resnet_small)", "head": "gru", "head_params": 25028,
-           "feature_rel_error": 0.0123456, "psnr": 14.4}]
-  feature_table.write_tables(rows, str(tmp_path), "table", "caption")
-  lines = (tmp_path / "table.csv").read_text().splitlines()
-  assert lines[0].split(",") == list(feature_table.COLUMNS)
-  assert lines[2].split(",")[:5] == ["features (resnet_small)", "gru", "25028", "0.0123456", ""]
-  markdown = (tmp_path / "table.md").read_text()
-  assert "| frames (C3D) | - | - | - | - | - | 30.42 | 0.925 |" in markdown
-  assert "| 0.01235 |" in markdown
-  # Several seeds: the csv keeps one line per seed, the markdown shows mean ± std per head.
-  seeded = [dict(rows[1], seed=0, feature_rel_error=0.1),
-            dict(rows[1], seed=1, feature_rel_error=0.3)]
-  feature_table.write_tables(seeded, str(tmp_path), "seeds", "caption")
-  assert len((tmp_path / "seeds.csv").read_text().splitlines()) == 3
-  markdown = (tmp_path / "seeds.md").read_text()
-  assert "| gru | 25028 | 0.2 ± 0.1 | - | - | 14.40 |" in markdown
-  assert markdown.rstrip().endswith("| 0/1 |")
-  assert [p.name for p in tmp_path.iterdir()] and not any(
-      p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
 
 def test_feature_inversion_from_reference_frames_beats_gray():
