@@ -1,0 +1,55 @@
+"""The classifier-complexity sweep of the feature pipeline, end to end from its flagfile."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+# The depth preset with every optimisation cut to a few steps and a smaller clip.
+SHORT = ["--seeds=0,1", "--heads=linear,mlp1", "--clip_shape=2,16,16,3", "--pretrain_steps=5",
+         "--match_steps=5", "--match_restarts=2", "--invert_steps=5", "--raw_steps=5"]
+
+
+def _sweep(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.feature_sweep", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_depth_sweep_preset_writes_one_table_over_heads_and_seeds(tmp_path):
+  proc = _sweep("--flagfile=experiments/flags/feature_sweep_depth.flags", *SHORT,
+                f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "feature_sweep_b4_depth.csv", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  # Per seed: raw frames, one row per head, the true-feature inversion.
+  assert [(r["seed"], r["head"]) for r in rows] == [
+      (s, h) for s in "01" for h in ("-", "linear", "mlp1", "true features")]
+  for row in rows:
+    assert 0 < float(row["psnr"]) < 60
+    if row["head"] in ("linear", "mlp1"):
+      assert 0 <= float(row["feature_rel_error"]) and -1 <= float(row["feature_cosine"]) <= 1
+      assert int(row["head_params"]) > 0
+  markdown = (tmp_path / "feature_sweep_b4_depth.md").read_text()
+  assert "B=4, true labels given, seeds 0/1" in markdown and "| 0/1 |" in markdown
+  # Both heads attacked the clips of the raw-frame run (the sweep checks it) in each seed dir.
+  for seed in (0, 1):
+    for run in ("raw_frames", "linear", "mlp1"):
+      assert (tmp_path / f"seed_{seed}" / run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("bad, expected", [
+    ("--heads=linear,deep", "deep"),
+    ("--seeds=0,0", "--seeds needs distinct integers"),
+    ("--clip_shape=4,32,x,3", "--clip_shape expects T,H,W,C"),
+])
+def test_bad_sweep_flags_are_named_before_anything_runs(tmp_path, bad, expected):
+  proc = _sweep("--flagfile=experiments/flags/feature_sweep_depth.flags", bad,
+                f"--workdir={tmp_path / 'sweep'}")
+  assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and not (tmp_path / "sweep").exists()
