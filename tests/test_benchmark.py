@@ -87,3 +87,22 @@ def test_cost_per_candidate_is_relative_to_the_fastest_single_candidate_row():
   assert combined[2]["gemm_s_per_step"] == pytest.approx((0.128 + 0.256) / 2)
   table = benchmark.markdown_table(combined)
   assert "cost per cand. ÷ R=1" in table and "| 0.50 (0.50–0.50) | 0.40 (0.40–0.40) |" in table
+
+
+def test_matmul_ceiling_is_compared_with_the_torch_peer_of_the_same_round():
+  def row(step_s, torch_step_s, gemm_s):
+    return {"victim": "c3d", "clip": [8, 32, 32, 3], "restarts": 32, "batching": "vmap",
+            "map_batch_size": 2, "conv": "im2col", "backend": "cpu", "compile_s": 3.0,
+            "step_s": step_s, "steps_per_s": 1 / step_s, "candidate_steps_per_s": 32 / step_s,
+            "candidate_step_gflop": 0.05, "gemm_s_per_step": gemm_s,
+            "gemm_ceiling_candidate_steps_per_s": 32 / gemm_s, "torch_mode": "vmap",
+            "torch_compile_s": 1.0, "torch_step_s": torch_step_s,
+            "torch_steps_per_s": 1 / torch_step_s, "torch_candidate_steps_per_s": 32 / torch_step_s,
+            "speedup": torch_step_s / step_s, "gemm_ceiling_vs_torch": torch_step_s / gemm_s,
+            "jax_peak_mem_bytes": 1, "torch_peak_mem_bytes": 1}
+
+  (combined,) = benchmark.combine_rounds([[row(0.1, 0.08, 0.04)], [row(0.2, 0.16, 0.08)],
+                                          [row(0.1, 0.09, 0.03)]])
+  assert combined["gemm_ceiling_vs_torch"] == pytest.approx(2.0)
+  assert combined["gemm_ceiling_vs_torch_range"] == pytest.approx([2.0, 3.0])
+  assert "| 2.00x (2.00–3.00) |" in benchmark.markdown_table([combined])
