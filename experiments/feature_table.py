@@ -55,7 +55,7 @@ def _cell(column: str, value) -> str:
 
 def depth_trend(rows: list[dict], column: str = "feature_rel_error") -> dict | None:
   """Does `column` grow with MLP depth? Page's L test for an increasing trend over DEPTH_ORDER,
-  blocked by seed (the seeds that have all four heads; csv strings are accepted as numbers).
+  blocked by (pipeline, seed) (those that have all four heads; csv strings are accepted as numbers).
 
   Returns seeds, the per-head mean and standard error [4], Page's L and its one-sided p-value,
   and in how many seeds the deepest head exceeds the linear one; None for fewer than two seeds.
@@ -63,7 +63,8 @@ def depth_trend(rows: list[dict], column: str = "feature_rel_error") -> dict | N
   by_seed: dict = {}
   for row in rows:
     if row.get("head") in DEPTH_ORDER and row.get(column) not in (None, ""):
-      by_seed.setdefault(str(row.get("seed")), {})[row["head"]] = float(row[column])
+      block = (row.get("pipeline"), str(row.get("seed")))  # one block per extractor and seed
+      by_seed.setdefault(block, {})[row["head"]] = float(row[column])
   blocks = [[heads[h] for h in DEPTH_ORDER] for heads in by_seed.values()
             if len(heads) == len(DEPTH_ORDER)]
   if len(blocks) < 2:

@@ -65,6 +65,8 @@ def test_depth_trend_is_pages_test_over_seeds():
   assert feature_table.depth_trend(_depth_rows(growing[:1])) is None  # one seed: no test
   incomplete = [r for r in _depth_rows(growing) if not (r["head"] == "mlp3" and r["seed"] == 0)]
   assert feature_table.depth_trend(incomplete)["seeds"] == 7
+  other_extractor = [dict(r, pipeline="features (vgg16)") for r in _depth_rows(growing)]
+  assert feature_table.depth_trend(_depth_rows(growing) + other_extractor)["seeds"] == 16
 
 
 def test_sweeps_of_different_seeds_merge_into_one_table(tmp_path):
