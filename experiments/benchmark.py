@@ -108,8 +108,8 @@ def main(argv: Sequence[str]) -> None:
   rounds = []
   for i in range(_ROUNDS.value):
     rows = []
+    round_note = f" round {i + 1}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
     for victim, r, batching, conv in configurations:
-      round_note = f" round {i + 1}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
       _log(f"[{victim} R={r} batching={batching} conv={conv}{round_note}] compiling + timing ...")
       row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
                       _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,

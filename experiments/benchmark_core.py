@@ -220,13 +220,15 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   have them)."""
   vs = any("torch_step_s" in r for r in rows)
   gemm = any("gemm_s_per_step" in r for r in rows)
-  relative = any("candidate_cost_vs_r1" in r for r in rows)
+  relative = []  # (column, row key) of the ratios to one candidate alone
+  if any("candidate_cost_vs_r1" in r for r in rows):
+    relative = [("cost per cand. ÷ R=1", "candidate_cost_vs_r1")]
+    relative += [("matmul floor ÷ R=1", "gemm_floor_vs_r1")] if gemm else []
   cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s", "step ms", "steps/s",
           "cand. steps/s", "GFLOP/s"]
   if gemm:
     cols += ["matmul-only ms", "matmul ceiling cand. steps/s"]
-  if relative:
-    cols += ["cost per cand. ÷ R=1"] + (["matmul floor ÷ R=1"] if gemm else [])
+  cols += [column for column, _ in relative]
   if vs:
     cols += ["torch mode", "torch 1st step s", "torch step ms", "torch cand. steps/s",
              "speedup", "JAX peak MB", "torch peak MB"]
@@ -241,9 +243,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
       cells += [f"{1e3 * r['gemm_s_per_step']:.2f}", f"{r['gemm_ceiling_candidate_steps_per_s']:.1f}"]
     elif gemm:
       cells += ["-", "-"]
-    if relative:
-      cells += [_ratio(r, key) for key in ("candidate_cost_vs_r1", "gemm_floor_vs_r1")
-                if key != "gemm_floor_vs_r1" or gemm]
+    cells += [_ratio(r, key) for _, key in relative]
     if vs and "torch_step_s" in r:
       cells += [r["torch_mode"], f"{r['torch_compile_s']:.2f}", f"{1e3 * r['torch_step_s']:.2f}",
                 _rate(r, "torch_"), _ratio(r, "speedup", "x"),
