@@ -36,6 +36,9 @@ flags.DEFINE_list("seeds", ["0"], "Seeds of clips, models and attacks; one table
 flags.DEFINE_bool("known_labels", False, "Give every attack the true labels (separates label "
                   "recovery from feature recovery).")
 flags.DEFINE_integer("batch_size", 1, "Clips per client batch.", lower_bound=1)
+flags.DEFINE_integer("num_classes", 4, "Classes of the synthetic clips and the heads (a linear head "
+                     "on pooled features is identifiable only when batch_size < num_classes).",
+                     lower_bound=2)
 flags.DEFINE_integer("pretrain_steps", 300, "Extractor pre-training steps.", lower_bound=1)
 flags.DEFINE_integer("match_steps", 300, "Stage 1 (feature matching) steps.", lower_bound=1)
 flags.DEFINE_integer("match_restarts", 1, "Stage 1 starts optimised at once.", lower_bound=1)
@@ -107,6 +110,7 @@ def _base_config(workdir: str, seed: int, shape: tuple[int, ...]) -> runner.RunC
   defaults = features_pipeline.FeatureConfig()
   return runner.RunConfig(
       workdir=workdir, seed=seed, clip_shape=shape, batch_size=FLAGS.batch_size,
+      num_classes=FLAGS.num_classes,
       pipeline="features", attack=_pixel_attack(FLAGS.raw_steps), quiet=True,
       known_labels=FLAGS.known_labels,
       features=features_pipeline.FeatureConfig(
@@ -146,7 +150,8 @@ def main(argv):
     sys.exit(f"error: {e}")
   labels = "true labels given" if FLAGS.known_labels else "labels recovered"
   caption = (f"Feature-pipeline leakage vs classifier complexity: {FLAGS.extractor} extractor, "
-             f"synthetic clips {'×'.join(map(str, shape))}, B={FLAGS.batch_size}, {labels}, "
+             f"synthetic clips {'×'.join(map(str, shape))}, B={FLAGS.batch_size}, "
+             f"{FLAGS.num_classes} classes, {labels}, "
              f"seeds {'/'.join(map(str, seeds))} (mean ± std); stage 1 feature matching "
              f"({FLAGS.match_steps} L-BFGS steps, {FLAGS.match_restarts} restart(s)), stage 2 "
              f"feature inversion ({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} "

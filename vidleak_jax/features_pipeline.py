@@ -192,6 +192,11 @@ def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
     layer = "fc1" if head.depth else "head"
     x = feature_attack.analytic_first_layer(shared, layer)
     return feature_attack.features_from_input(x, t, head.dim, head.pooling), np.zeros((0,))
+  if getattr(victim.head, "depth", None) == 0 and cfg.batch_size >= cfg.num_classes:
+    logging.warning("stage 1: a linear head's gradient does not identify its inputs at B = %d >= "
+                    "K = %d classes (`invisible_input_shifts`); the feature error then measures "
+                    "the attack's starting point as much as the leak", cfg.batch_size,
+                    cfg.num_classes)
   start = jax.jit(victim.extract)(jnp.asarray(init_clips))
   found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
                                         fc.matching, key=key)

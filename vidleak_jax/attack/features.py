@@ -85,6 +85,28 @@ def analytic_first_layer(grads: Grads, layer: str) -> jax.Array:
   return kernel @ bias / denom
 
 
+def invisible_input_shifts(errors: jax.Array, kernel: jax.Array,
+                           rtol: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+  """Input shifts x + n vᵀ that a first dense layer's gradient cannot see.
+
+  x [B,D] is the layer's input, kernel W [D,H], errors E [B,H] = dL/d(pre-activations). Returns
+  bases N [B,m] of {n: Eᵀn = 0} and V [D,q] of {v: Wᵀv = 0}. For n in N and v in V, x + n vᵀ has
+  the same pre-activations, hence the same E downstream, and the same gradients: dW = xᵀE +
+  v (Eᵀn)ᵀ = xᵀE, db = Σ_b E_b. A linear softmax head's E = softmax − onehot has rows summing to
+  0, so rank(E) <= K − 1 and m >= B − K + 1: with B >= K clips the gradient leaves a whole family
+  of pooled feature matrices open, and no attack can tell them apart.
+  """
+  def null_space(a: np.ndarray) -> np.ndarray:
+    _, s, vt = np.linalg.svd(a)
+    rank = int(np.sum(s > rtol * s.max())) if s.size and s.max() > 0 else 0
+    return vt[rank:].T
+
+  errors, kernel = np.asarray(errors, np.float64), np.asarray(kernel, np.float64)
+  if errors.ndim != 2 or kernel.ndim != 2 or errors.shape[1] != kernel.shape[1]:
+    raise ValueError(f"errors must be [B,H] and kernel [D,H], got {errors.shape}, {kernel.shape}")
+  return null_space(errors.T), null_space(kernel.T)
+
+
 def features_from_input(x: jax.Array, frames: int, dim: int, pooling: str) -> jax.Array:
   """Head input x [D] or [T·D] -> feature matrix estimate [1,T,D] (time-mean repeated when
   the head pools: frame-to-frame variation is not in the gradient)."""
