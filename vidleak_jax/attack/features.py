@@ -1,10 +1,8 @@
 """Attacks on the feature pipeline (frozen extractor + trained classifier head).
 
 Stage 1 recovers the feature matrix F [B,T,D] the client's clips produced:
-  `analytic_first_layer`  exact for B = 1 when the head starts with a dense layer with bias:
-      dL/dW[:, j] = x · dL/db[j], so x = Σ_j dL/db_j · dL/dW[:, j] / Σ_j dL/db_j² (least squares
-      over the units with a non-zero bias gradient). x is the head's input: the time-mean of F for
-      heads on pooled features, all of F for heads on flattened features (`features_from_input`).
+  closed form from the head's first dense layer (`attack.analytic`): exact at B = 1, and for
+      the clips that some unit sees alone at B > 1.
   `match_features`  gradient matching in feature space: optimise F̂ until the head's gradient
       on (F̂, labels) matches the shared one (`objectives.gradient_matching_loss` with the head's
       apply_fn); works for every head and batch size.
@@ -25,7 +23,7 @@ import numpy as np
 import optax
 from scipy.optimize import linear_sum_assignment
 
-from vidleak_jax.attack.objectives import gradient_matching_loss, leaf_paths
+from vidleak_jax.attack.objectives import gradient_matching_loss
 from vidleak_jax.attack.optimizers import make_optimizer
 from vidleak_jax.attack.priors import tv_spatial, tv_temporal
 from vidleak_jax.types import ApplyFn, Grads, Params
@@ -64,55 +62,6 @@ class Recovered:
   value: jax.Array
   loss: float
   history: np.ndarray
-
-
-def _leaf(grads: Grads, path: str) -> jax.Array:
-  for p, leaf in zip(leaf_paths(grads), jax.tree.leaves(grads)):
-    if p == path:
-      return leaf
-  raise KeyError(f"no gradient leaf {path!r}; leaves: {leaf_paths(grads)}")
-
-
-def analytic_first_layer(grads: Grads, layer: str) -> jax.Array:
-  """The input x [D_in] of dense layer `layer` (kernel [D_in, D_out], bias) at batch size 1."""
-  kernel, bias = _leaf(grads, f"{layer}/kernel"), _leaf(grads, f"{layer}/bias")
-  if kernel.ndim != 2 or bias.shape != kernel.shape[-1:]:
-    raise ValueError(f"{layer!r} is not a dense layer with bias: kernel {kernel.shape}, bias "
-                     f"{bias.shape}")
-  denom = jnp.vdot(bias, bias)
-  if not float(denom) > 0:
-    raise ValueError(f"the bias gradient of {layer!r} is zero: its input is not recoverable")
-  return kernel @ bias / denom
-
-
-def invisible_input_shifts(errors: jax.Array, kernel: jax.Array,
-                           rtol: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
-  """Input shifts x + n vᵀ that a first dense layer's gradient cannot see.
-
-  x [B,D] is the layer's input, kernel W [D,H], errors E [B,H] = dL/d(pre-activations). Returns
-  bases N [B,m] of {n: Eᵀn = 0} and V [D,q] of {v: Wᵀv = 0}. For n in N and v in V, x + n vᵀ has
-  the same pre-activations, hence the same E downstream, and the same gradients: dW = xᵀE +
-  v (Eᵀn)ᵀ = xᵀE, db = Σ_b E_b. A linear softmax head's E = softmax − onehot has rows summing to
-  0, so rank(E) <= K − 1 and m >= B − K + 1: with B >= K clips the gradient leaves a whole family
-  of pooled feature matrices open, and no attack can tell them apart.
-  """
-  def null_space(a: np.ndarray) -> np.ndarray:
-    _, s, vt = np.linalg.svd(a)
-    rank = int(np.sum(s > rtol * s.max())) if s.size and s.max() > 0 else 0
-    return vt[rank:].T
-
-  errors, kernel = np.asarray(errors, np.float64), np.asarray(kernel, np.float64)
-  if errors.ndim != 2 or kernel.ndim != 2 or errors.shape[1] != kernel.shape[1]:
-    raise ValueError(f"errors must be [B,H] and kernel [D,H], got {errors.shape}, {kernel.shape}")
-  return null_space(errors.T), null_space(kernel.T)
-
-
-def features_from_input(x: jax.Array, frames: int, dim: int, pooling: str) -> jax.Array:
-  """Head input x [D] or [T·D] -> feature matrix estimate [1,T,D] (time-mean repeated when
-  the head pools: frame-to-frame variation is not in the gradient)."""
-  if pooling == "flatten":
-    return x.reshape(1, frames, dim)
-  return jnp.broadcast_to(x.reshape(1, 1, dim), (1, frames, dim))
 
 
 def optimise(objective: Objective, x0: jax.Array, config: StageConfig, *,
