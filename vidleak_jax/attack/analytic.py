@@ -6,6 +6,8 @@ dL/dW = xᵀE and dL/db = Σ_b E_b, E [B,H] = dL/dz. Hence:
   `isolated_inputs`         any B: a unit that only clip i drives (ReLU after the layer leaves the
                             others at zero error) still gives x_i exactly; such units are found by
                             agreeing with each other.
+  `input_span`              the span of the B inputs (the column space of dL/dW), for matching
+                            in B × rank coefficients instead of B × D features.
   `invisible_input_shifts`  what no attack can recover: shifts x + n vᵀ with Eᵀn = 0, Wᵀv = 0.
 """
 
@@ -41,6 +43,21 @@ def analytic_first_layer(grads: Grads, layer: str) -> jax.Array:
   if not float(denom) > 0:
     raise ValueError(f"the bias gradient of {layer!r} is zero: its input is not recoverable")
   return kernel @ bias / denom
+
+
+def input_span(grads: Grads, layer: str, max_rank: int, rtol: float = 1e-4) -> jax.Array:
+  """Orthonormal basis U [D_in, r] of the space the inputs of dense layer `layer` lie in.
+
+  dL/dW = xᵀE, so the column space of dL/dW [D_in, H] is spanned by the B inputs whenever E [B,H]
+  has rank B (a hidden layer at B <= H; a linear softmax head at B < K): x = A Uᵀ for some
+  A [B, r]. r <= max_rank (B): the left singular vectors above rtol × the largest.
+  """
+  kernel, _ = _dense_gradient(grads, layer)
+  u, s, _ = np.linalg.svd(np.asarray(kernel, np.float64), full_matrices=False)
+  rank = min(int(np.sum(s > rtol * s.max())) if s.size and s.max() > 0 else 0, max_rank)
+  if rank == 0:
+    raise ValueError(f"the kernel gradient of {layer!r} is zero: it spans no input")
+  return jnp.asarray(u[:, :rank], jnp.float32)
 
 
 def _components(adjacent: np.ndarray) -> list[np.ndarray]:

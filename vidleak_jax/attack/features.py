@@ -5,7 +5,8 @@ Stage 1 recovers the feature matrix F [B,T,D] the client's clips produced:
       the clips that some unit sees alone at B > 1.
   `match_features`  gradient matching in feature space: optimise F̂ until the head's gradient
       on (F̂, labels) matches the shared one (`objectives.gradient_matching_loss` with the head's
-      apply_fn); works for every head and batch size.
+      apply_fn); works for every head and batch size, optionally over a code F̂ = decode(z)
+      (the pipeline's `subspace` attack: z = coefficients in the first layer's input span).
 Stage 2 `invert_features` recovers frames: optimise clips so extractor(clips) ≈ F̂, with spatial
 and temporal TV priors, from gray or from the attacker's reference frames.
 End to end, the pixels are optimised through extractor + head against the head's gradient: that is
@@ -104,21 +105,27 @@ def feature_matching_objective(head_apply: ApplyFn, params: Params, target_grads
 
 def match_features(head_apply: ApplyFn, params: Params, target_grads: Grads, labels: jax.Array,
                    init: jax.Array, config: StageConfig = StageConfig(), *,
-                   key: jax.Array | None = None) -> Recovered:
+                   key: jax.Array | None = None,
+                   decode: Callable[[jax.Array], jax.Array] | None = None) -> Recovered:
   """Stage 1 by gradient matching: features [B,T,D] from `init` whose head gradient matches.
 
-  With `config.restarts` = R > 1, restart 0 starts at `init` and the others at `init` scaled by
-  1 + restart_noise·N(0, 1) elementwise (from `key`); the best objective wins.
+  With `decode`, the variable is a code z (`init` is z's start) and the features are decode(z)
+  (e.g. coefficients in the span the gradient allows, `analytic.input_span`); the result holds
+  the decoded features. With `config.restarts` = R > 1, restart 0 starts at `init` and the others
+  at `init` scaled by 1 + restart_noise·N(0, 1) elementwise (from `key`); the best objective wins.
   """
-  objective = feature_matching_objective(head_apply, params, target_grads, labels, config.metric)
+  matching = feature_matching_objective(head_apply, params, target_grads, labels, config.metric)
+  objective = matching if decode is None else (lambda z: matching(decode(z)))
   init = jnp.asarray(init, jnp.float32)
   if config.restarts == 1:
-    return optimise(objective, init, config)
-  if key is None:
-    raise ValueError("match_features with restarts > 1 needs a key")
-  noise = jax.random.normal(key, (config.restarts - 1, *init.shape), init.dtype)
-  starts = jnp.concatenate([init[None], init * (1.0 + config.restart_noise * noise)])
-  return optimise(objective, starts, config)
+    found = optimise(objective, init, config)
+  else:
+    if key is None:
+      raise ValueError("match_features with restarts > 1 needs a key")
+    noise = jax.random.normal(key, (config.restarts - 1, *init.shape), init.dtype)
+    starts = jnp.concatenate([init[None], init * (1.0 + config.restart_noise * noise)])
+    found = optimise(objective, starts, config)
+  return found if decode is None else dataclasses.replace(found, value=decode(found.value))
 
 
 def feature_inversion_objective(extract: Callable[[jax.Array], jax.Array], target: jax.Array,
