@@ -44,6 +44,8 @@ flags.DEFINE_integer("match_steps", 300, "Stage 1 (feature matching) steps.", lo
 flags.DEFINE_integer("match_restarts", 1, "Stage 1 starts optimised at once.", lower_bound=1)
 flags.DEFINE_integer("invert_steps", 200, "Stage 2 (feature inversion) steps.", lower_bound=1)
 flags.DEFINE_integer("raw_steps", 400, "Raw-frame attack steps.", lower_bound=1)
+flags.DEFINE_list("feature_attacks", ["matching"], "Stage-1 attacks run per head: matching, and "
+                  "for linear/MLP heads subspace and analytic (one table row each).")
 flags.DEFINE_bool("end_to_end", False, "Also run the end-to-end pixel attack per head.")
 flags.DEFINE_string("results_dir", None, "Also write the table there (e.g. experiments/results).")
 flags.DEFINE_string("table_name", "feature_sweep", "File name (no suffix) of the .md/.csv table.")
@@ -67,20 +69,23 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
   clips = report.load_npz(os.path.join(workdir, "raw_frames", "data.npz"))["clips"]
   rows = [{"pipeline": "frames (C3D)", "head": "-", "psnr": raw["psnr_mean"],
            "ssim": raw["ssim_mean"], "label_accuracy": raw["label_accuracy"]}]
-  for head in FLAGS.heads:
-    fc = dataclasses.replace(base.features, head=head, attack="matching")
-    out = _run(dataclasses.replace(base, workdir=os.path.join(workdir, head), features=fc))
-    same = report.load_npz(os.path.join(workdir, head, "data.npz"))["clips"]
+  for head, feature_attack_name in _head_attacks():
+    fc = dataclasses.replace(base.features, head=head, attack=feature_attack_name)
+    name = head if feature_attack_name == "matching" else f"{head}_{feature_attack_name}"
+    out = _run(dataclasses.replace(base, workdir=os.path.join(workdir, name), features=fc))
+    same = report.load_npz(os.path.join(workdir, name, "data.npz"))["clips"]
     if not np.array_equal(same, clips):
-      raise RuntimeError(f"run {head!r} attacked different clips than the raw-frame run")
+      raise RuntimeError(f"run {name!r} attacked different clips than the raw-frame run")
     params = features_pipeline.build_victim(dataclasses.replace(base, features=fc)).params
-    row = {"pipeline": f"features ({fc.extractor})", "head": head,
+    pipeline = (f"features ({fc.extractor})" if feature_attack_name == "matching" else
+                f"features ({fc.extractor}, {feature_attack_name})")
+    row = {"pipeline": pipeline, "head": head,
            "head_params": sum(int(np.size(p)) for p in jax.tree.leaves(params)),
            "feature_rel_error": out["feature_rel_error_mean"],
            "pooled_feature_rel_error": out["pooled_feature_rel_error_mean"],
            "feature_cosine": out["feature_cosine_mean"], "psnr": out["psnr_mean"],
            "ssim": out["ssim_mean"], "label_accuracy": out["label_accuracy"]}
-    if FLAGS.end_to_end:
+    if FLAGS.end_to_end and feature_attack_name == "matching":
       e2e = _run(dataclasses.replace(
           base, workdir=os.path.join(workdir, f"{head}_end_to_end"),
           stages=("data", "attack", "eval"),
@@ -90,6 +95,13 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
   rows.append(_oracle_row(dataclasses.replace(base, workdir=os.path.join(workdir, FLAGS.heads[0])),
                           clips))
   return rows
+
+
+def _head_attacks() -> list[tuple[str, str]]:
+  """(head, stage-1 attack) pairs in table order: per attack, every head it applies to."""
+  dense_first = ("linear", "mlp1", "mlp2", "mlp3")
+  return [(head, name) for name in FLAGS.feature_attacks for head in FLAGS.heads
+          if name == "matching" or head in dense_first]
 
 
 def _oracle_row(cfg: runner.RunConfig, clips: np.ndarray) -> dict:
@@ -137,6 +149,10 @@ def main(argv):
     raise app.UsageError(f"--seeds expects a comma list of integers, got {FLAGS.seeds}") from None
   if not seeds or len(set(seeds)) != len(seeds):
     raise app.UsageError(f"--seeds needs distinct integers, got {FLAGS.seeds}")
+  unknown = set(FLAGS.feature_attacks) - {"matching", "subspace", "analytic"}
+  if unknown or not FLAGS.feature_attacks:
+    raise app.UsageError(f"--feature_attacks: unknown {sorted(unknown)} or none; valid: "
+                         "matching, subspace, analytic")
   workdir = os.path.abspath(FLAGS.workdir)
   rows = []
   try:
@@ -152,8 +168,9 @@ def main(argv):
   caption = (f"Feature-pipeline leakage vs classifier complexity: {FLAGS.extractor} extractor, "
              f"synthetic clips {'×'.join(map(str, shape))}, B={FLAGS.batch_size}, "
              f"{FLAGS.num_classes} classes, {labels}, "
-             f"seeds {'/'.join(map(str, seeds))} (mean ± std); stage 1 feature matching "
-             f"({FLAGS.match_steps} L-BFGS steps, {FLAGS.match_restarts} restart(s)), stage 2 "
+             f"seeds {'/'.join(map(str, seeds))} (mean ± std); stage 1 "
+             f"({'/'.join(FLAGS.feature_attacks)}; {FLAGS.match_steps} L-BFGS steps, "
+             f"{FLAGS.match_restarts} restart(s)), stage 2 "
              f"feature inversion ({FLAGS.invert_steps}); raw frames: C3D, {FLAGS.raw_steps} "
              f"L-BFGS steps. "
              f"pooled_feature_rel_error: error of the time-mean features.")

@@ -53,15 +53,19 @@ def _cell(column: str, value) -> str:
   return _format(column, value)
 
 
-def depth_trend(rows: list[dict], column: str = "feature_rel_error") -> dict | None:
+def depth_trend(rows: list[dict], column: str = "feature_rel_error",
+                pipeline: str | None = None) -> dict | None:
   """Does `column` grow with MLP depth? Page's L test for an increasing trend over DEPTH_ORDER,
-  blocked by (pipeline, seed) (those that have all four heads; csv strings are accepted as numbers).
+  blocked by (pipeline, seed) (those that have all four heads; csv strings are accepted as numbers);
+  with `pipeline`, over that pipeline's rows only.
 
   Returns seeds, the per-head mean and standard error [4], Page's L and its one-sided p-value,
   and in how many seeds the deepest head exceeds the linear one; None for fewer than two seeds.
   """
   by_seed: dict = {}
   for row in rows:
+    if pipeline is not None and row.get("pipeline") != pipeline:
+      continue
     if row.get("head") in DEPTH_ORDER and row.get(column) not in (None, ""):
       block = (row.get("pipeline"), str(row.get("seed")))  # one block per extractor and seed
       by_seed.setdefault(block, {})[row["head"]] = float(row[column])
@@ -88,7 +92,8 @@ def _trend_line(trend: dict, column: str) -> str:
 
 def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> None:
   """<name>.csv (one line per row: per seed) and <name>.md (mean ± std over seeds, then the depth
-  trend of the feature error when two or more seeds have every MLP head), atomically."""
+  trend of the feature error, per pipeline, where two or more seeds have every MLP head),
+  atomically."""
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
   writer.writeheader()
@@ -97,7 +102,9 @@ def write_tables(rows: list[dict], directory: str, name: str, caption: str) -> N
   lines = [caption, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
   lines += ["| " + " | ".join(_cell(c, row.get(c)) for c in COLUMNS) + " |"
             for row in average_over_seeds(rows)]
-  trend = depth_trend(rows)
-  if trend is not None:
-    lines += ["", _trend_line(trend, "feature_rel_error")]
+  pipelines = list(dict.fromkeys(r.get("pipeline") for r in rows if r.get("head") in DEPTH_ORDER))
+  for pipeline in pipelines if len(pipelines) > 1 else [None]:
+    trend = depth_trend(rows, pipeline=pipeline)
+    if trend is not None:
+      lines += ["", (f"{pipeline}: " if pipeline else "") + _trend_line(trend, "feature_rel_error")]
   report.write_text(os.path.join(directory, f"{name}.md"), "\n".join(lines) + "\n")

@@ -23,23 +23,27 @@ def _sweep(*args):
 @pytest.mark.slow
 def test_depth_sweep_preset_writes_one_table_over_heads_and_seeds(tmp_path):
   proc = _sweep("--flagfile=experiments/flags/feature_sweep_depth.flags", *SHORT,
-                f"--workdir={tmp_path}")
+                "--feature_attacks=matching,subspace", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "feature_sweep_b4_depth.csv", encoding="utf-8") as f:
     rows = list(csv.DictReader(f))
-  # Per seed: raw frames, one row per head, the true-feature inversion.
-  assert [(r["seed"], r["head"]) for r in rows] == [
-      (s, h) for s in "01" for h in ("-", "linear", "mlp1", "true features")]
+  # Per seed: raw frames, one row per head and attack, the true-feature inversion.
+  features, subspace = "features (resnet_small)", "features (resnet_small, subspace)"
+  assert [(r["seed"], r["pipeline"], r["head"]) for r in rows] == [
+      (s, p, h) for s in "01" for p, h in (
+          ("frames (C3D)", "-"), (features, "linear"), (features, "mlp1"), (subspace, "linear"),
+          (subspace, "mlp1"), (features, "true features"))]
   for row in rows:
     assert 0 < float(row["psnr"]) < 60
     if row["head"] in ("linear", "mlp1"):
       assert 0 <= float(row["feature_rel_error"]) and -1 <= float(row["feature_cosine"]) <= 1
       assert int(row["head_params"]) > 0
   markdown = (tmp_path / "feature_sweep_b4_depth.md").read_text()
-  assert "B=4, true labels given, seeds 0/1" in markdown and "| 0/1 |" in markdown
+  assert "B=4, 4 classes, true labels given, seeds 0/1" in markdown and "| 0/1 |" in markdown
+  assert "stage 1 (matching/subspace; 5 L-BFGS steps, 2 restart(s))" in markdown
   # Both heads attacked the clips of the raw-frame run (the sweep checks it) in each seed dir.
   for seed in (0, 1):
-    for run in ("raw_frames", "linear", "mlp1"):
+    for run in ("raw_frames", "linear", "mlp1", "linear_subspace", "mlp1_subspace"):
       assert (tmp_path / f"seed_{seed}" / run / "metrics.json").exists()
 
 
@@ -47,6 +51,7 @@ def test_depth_sweep_preset_writes_one_table_over_heads_and_seeds(tmp_path):
     ("--heads=linear,deep", "deep"),
     ("--seeds=0,0", "--seeds needs distinct integers"),
     ("--clip_shape=4,32,x,3", "--clip_shape expects T,H,W,C"),
+    ("--feature_attacks=matching,magic", "--feature_attacks: unknown ['magic']"),
 ])
 def test_bad_sweep_flags_are_named_before_anything_runs(tmp_path, bad, expected):
   proc = _sweep("--flagfile=experiments/flags/feature_sweep_depth.flags", bad,

@@ -67,6 +67,24 @@ def test_depth_trend_is_pages_test_over_seeds():
   assert feature_table.depth_trend(incomplete)["seeds"] == 7
   other_extractor = [dict(r, pipeline="features (vgg16)") for r in _depth_rows(growing)]
   assert feature_table.depth_trend(_depth_rows(growing) + other_extractor)["seeds"] == 16
+  alone = feature_table.depth_trend(_depth_rows(growing) + other_extractor,
+                                    pipeline="features (vgg16)")
+  assert alone["seeds"] == 8 and alone["page_l"] == _page_l(growing)
+
+
+def test_each_pipeline_of_a_table_gets_its_own_depth_trend(tmp_path):
+  rng = np.random.default_rng(1)
+  growing = np.linspace(0.2, 0.5, 4) + 0.05 * rng.standard_normal((6, 4))
+  flat = 0.3 + 0.05 * rng.standard_normal((6, 4))
+  other = [dict(r, pipeline="features (resnet_small, subspace)") for r in _depth_rows(flat)
+           if r["pipeline"] != "frames (C3D)"]
+  feature_table.write_tables(_depth_rows(growing) + other, str(tmp_path), "two", "caption")
+  trends = [line for line in (tmp_path / "two.md").read_text().splitlines() if "Page" in line]
+  assert len(trends) == 2
+  assert trends[0].startswith("features (resnet_small): feature_rel_error vs MLP depth")
+  assert trends[1].startswith("features (resnet_small, subspace): feature_rel_error")
+  for line, data in zip(trends, (growing, flat)):
+    assert f"L = {_page_l(data):.0f}," in line
 
 
 def test_sweeps_of_different_seeds_merge_into_one_table(tmp_path):
