@@ -8,13 +8,16 @@ on one frozen, locally pre-trained extractor, the feature attack (stage 1: featu
 stage 2: feature inversion through the extractor); `--end_to_end` adds the pixel attack through
 extractor + head. A last row inverts the true features (stage 2 alone: what a perfect stage 1
 would give). Writes <workdir>/<table_name>.md (mean ± std over seeds) and .csv (one line per
-seed), atomically, and every run's directory <workdir>/seed_<s>/<name>/. About 12 min per seed
-on a 2-core CPU at the defaults (4×32×32 clips).
+seed), atomically, and every run's directory <workdir>/seed_<s>/<name>/; a rerun in the same
+workdir reuses every finished run of the same settings (so a killed sweep resumes, and adding
+heads or --feature_attacks computes only the new runs). About 12 min per seed on a 2-core CPU at
+the defaults (4×32×32 clips).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -58,6 +61,17 @@ def _pixel_attack(steps: int) -> attack.AttackConfig:
 
 
 def _run(cfg: runner.RunConfig) -> dict:
+  """runner.run, or the metrics of a finished run of exactly this config in cfg.workdir: a killed
+  sweep, or one rerun with more heads or attacks, computes only what is missing."""
+  metrics_path = os.path.join(cfg.workdir, "metrics.json")
+  config_path = os.path.join(cfg.workdir, "config.json")
+  if os.path.exists(metrics_path) and os.path.exists(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      done = json.load(f)
+    if done == json.loads(json.dumps(report.to_jsonable(dataclasses.asdict(cfg)))):
+      logging.info("sweep: %s is done, reusing its metrics.json", cfg.workdir)
+      with open(metrics_path, encoding="utf-8") as f:
+        return json.load(f)
   logging.info("sweep: %s", cfg.workdir)
   return runner.run(cfg)
 

@@ -22,11 +22,21 @@ def _sweep(*args):
 
 @pytest.mark.slow
 def test_depth_sweep_preset_writes_one_table_over_heads_and_seeds(tmp_path):
+  def table():
+    with open(tmp_path / "feature_sweep_b4_depth.csv", encoding="utf-8") as f:
+      return list(csv.DictReader(f))
+
+  proc = _sweep("--flagfile=experiments/flags/feature_sweep_depth.flags", *SHORT,
+                f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  first = table()
+  # The same sweep with a second attack reuses every finished run and adds the new ones.
   proc = _sweep("--flagfile=experiments/flags/feature_sweep_depth.flags", *SHORT,
                 "--feature_attacks=matching,subspace", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  with open(tmp_path / "feature_sweep_b4_depth.csv", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f))
+  assert proc.stderr.count("is done, reusing its metrics.json") == 6  # 2 seeds × raw, linear, mlp1
+  rows = table()
+  assert [r for r in rows if "subspace" not in r["pipeline"]] == first
   # Per seed: raw frames, one row per head and attack, the true-feature inversion.
   features, subspace = "features (resnet_small)", "features (resnet_small, subspace)"
   assert [(r["seed"], r["pipeline"], r["head"]) for r in rows] == [
