@@ -218,8 +218,10 @@ def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
   if fc.attack == "subspace":  # an MLPHead (`validate`): features = coefficients @ spanᵀ
     span = analytic.input_span(shared, "fc1" if head.depth else "head", start.shape[0])
     pooled = start.reshape(start.shape[0], -1) if head.pooling == "flatten" else start.mean(1)
-    start = pooled @ span
-    decode = lambda a: analytic.features_from_input(a @ span.T, t, head.dim, head.pooling)
+    start = pooled @ span  # [B, r]
+
+    def decode(coefficients: jax.Array) -> jax.Array:
+      return analytic.features_from_input(coefficients @ span.T, t, head.dim, head.pooling)
   found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
                                         fc.matching, key=key, decode=decode)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)
