@@ -202,6 +202,18 @@ def _analytic_stage_one(shared, head, frames: int, start: jax.Array) -> jax.Arra
   return jnp.concatenate([found, start[len(x):]]).astype(jnp.float32)
 
 
+def _span_code(shared, head, frames: int, start: jax.Array) -> tuple[jax.Array, Callable]:
+  """Coefficients [B, r] of `start` [B,T,D] in the span of the first dense layer's inputs, and
+  the decoder coefficients -> features [B,T,D] (coefficients @ spanᵀ, as the head's input)."""
+  span = analytic.input_span(shared, "fc1" if head.depth else "head", start.shape[0])
+  pooled = start.reshape(start.shape[0], -1) if head.pooling == "flatten" else start.mean(1)
+
+  def decode(coefficients: jax.Array) -> jax.Array:
+    return analytic.features_from_input(coefficients @ span.T, frames, head.dim, head.pooling)
+
+  return pooled @ span, decode
+
+
 def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
                key: jax.Array) -> tuple[Any, Any]:
   """Recovered features [B,T,D] and their stage-1 objective history."""
@@ -215,13 +227,8 @@ def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
                     "the attack's starting point as much as the leak", cfg.batch_size,
                     cfg.num_classes)
   decode = None
-  if fc.attack == "subspace":  # an MLPHead (`validate`): features = coefficients @ spanᵀ
-    span = analytic.input_span(shared, "fc1" if head.depth else "head", start.shape[0])
-    pooled = start.reshape(start.shape[0], -1) if head.pooling == "flatten" else start.mean(1)
-    start = pooled @ span  # [B, r]
-
-    def decode(coefficients: jax.Array) -> jax.Array:
-      return analytic.features_from_input(coefficients @ span.T, t, head.dim, head.pooling)
+  if fc.attack == "subspace":  # an MLPHead (`validate`)
+    start, decode = _span_code(shared, head, t, start)
   found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
                                         fc.matching, key=key, decode=decode)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)
