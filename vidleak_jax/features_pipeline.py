@@ -187,40 +187,16 @@ def _init_clips(key: jax.Array, references: np.ndarray | None, clip_shape) -> np
   return np.asarray(init_candidates(key, (1, *clip_shape), kind, refs)[0])
 
 
-def _analytic_stage_one(shared, head, frames: int, start: jax.Array) -> jax.Array:
-  """Features [B,T,D] from the head's first dense layer: every clip that some units see alone
-  (all of them at B = 1); the others keep their starting features `start` [B,T,D]."""
-  layer = "fc1" if head.depth else "head"
-  batch = start.shape[0]
-  if batch == 1:
-    x = analytic.analytic_first_layer(shared, layer)[None]
-  else:
-    x = analytic.isolated_inputs(shared, layer)[:batch]
-  logging.info("stage 1 (analytic, %s): %d of %d clip(s) recovered in closed form", layer,
-               len(x), batch)
-  found = analytic.features_from_input(x, frames, head.dim, head.pooling)
-  return jnp.concatenate([found, start[len(x):]]).astype(jnp.float32)
-
-
-def _span_code(shared, head, frames: int, start: jax.Array) -> tuple[jax.Array, Callable]:
-  """Coefficients [B, r] of `start` [B,T,D] in the span of the first dense layer's inputs, and
-  the decoder coefficients -> features [B,T,D] (coefficients @ spanᵀ, as the head's input)."""
-  span = analytic.input_span(shared, "fc1" if head.depth else "head", start.shape[0])
-  pooled = start.reshape(start.shape[0], -1) if head.pooling == "flatten" else start.mean(1)
-
-  def decode(coefficients: jax.Array) -> jax.Array:
-    return analytic.features_from_input(coefficients @ span.T, frames, head.dim, head.pooling)
-
-  return pooled @ span, decode
-
-
 def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
                key: jax.Array) -> tuple[Any, Any]:
   """Recovered features [B,T,D] and their stage-1 objective history."""
-  fc, t, head = cfg.features, cfg.clip_shape[0], victim.head
+  fc, head = cfg.features, victim.head
   start = jax.jit(victim.extract)(jnp.asarray(init_clips))
   if fc.attack == "analytic":  # an MLPHead (`validate`)
-    return _analytic_stage_one(shared, head, t, start), np.zeros((0,))
+    found, count = analytic.closed_form_features(shared, head, start)
+    logging.info("stage 1 (analytic): %d of %d clip(s) recovered in closed form", count,
+                 len(start))
+    return found, np.zeros((0,))
   if getattr(head, "depth", None) == 0 and cfg.batch_size >= cfg.num_classes:
     logging.warning("stage 1: a linear head's gradient does not identify its inputs at B = %d >= "
                     "K = %d classes (`invisible_input_shifts`); the feature error then measures "
@@ -228,7 +204,7 @@ def _stage_one(cfg, victim: FeatureVictim, shared, labels, init_clips,
                     cfg.num_classes)
   decode = None
   if fc.attack == "subspace":  # an MLPHead (`validate`)
-    start, decode = _span_code(shared, head, t, start)
+    start, decode = analytic.span_code(shared, head, start)
   found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels, start,
                                         fc.matching, key=key, decode=decode)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)

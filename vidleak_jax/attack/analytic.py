@@ -8,10 +8,14 @@ dL/dW = xᵀE and dL/db = Σ_b E_b, E [B,H] = dL/dz. Hence:
                             agreeing with each other.
   `input_span`              the span of the B inputs (the column space of dL/dW), for matching
                             in B × rank coefficients instead of B × D features.
+  `closed_form_features`    the first two for an `MLPHead`'s feature matrix [B,T,D].
+  `span_code`               its span as the coefficients to optimise, with their decoder.
   `invisible_input_shifts`  what no attack can recover: shifts x + n vᵀ with Eᵀn = 0, Wᵀv = 0.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +139,33 @@ def features_from_input(x: jax.Array, frames: int, dim: int, pooling: str) -> ja
   if pooling == "flatten":
     return x.reshape(-1, frames, dim)
   return jnp.broadcast_to(x[:, None, :], (x.shape[0], frames, dim))
+
+
+def _first_layer(head) -> str:
+  """The first dense layer of an `MLPHead` (`heads.py`): fc1, or the output layer if linear."""
+  return "fc1" if head.depth else "head"
+
+
+def closed_form_features(grads: Grads, head, start: jax.Array) -> tuple[jax.Array, int]:
+  """Features [B,T,D] of an `MLPHead`'s batch from its first dense layer: every clip that some
+  units see alone (all of them at B = 1), the others kept at `start` [B,T,D]; and how many."""
+  batch, frames = start.shape[:2]
+  if batch == 1:
+    x = analytic_first_layer(grads, _first_layer(head))[None]
+  else:
+    x = isolated_inputs(grads, _first_layer(head))[:batch]
+  found = features_from_input(x, frames, head.dim, head.pooling)
+  return jnp.concatenate([found, start[len(x):]]).astype(jnp.float32), len(x)
+
+
+def span_code(grads: Grads, head, start: jax.Array) -> tuple[jax.Array, Callable]:
+  """Coefficients [B, r] of `start` [B,T,D] in the span of an `MLPHead`'s first-layer inputs
+  (`input_span`), and the decoder coefficients -> features [B,T,D] (coefficients @ spanᵀ)."""
+  batch, frames = start.shape[:2]
+  span = input_span(grads, _first_layer(head), batch)
+  pooled = start.reshape(batch, -1) if head.pooling == "flatten" else start.mean(1)
+
+  def decode(coefficients: jax.Array) -> jax.Array:
+    return features_from_input(coefficients @ span.T, frames, head.dim, head.pooling)
+
+  return pooled @ span, decode
