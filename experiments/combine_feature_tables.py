@@ -24,18 +24,23 @@ _OUT = flags.DEFINE_string("out", None, "Output path without suffix (.csv and .m
 _CAPTION = flags.DEFINE_string("caption", "", "First line of the markdown table.")
 
 
+_KEY = ("pipeline", "head", "seed")
+
+
 def read_rows(paths: list[str]) -> list[dict]:
-  """The rows of every csv in `paths`, in order; empty cells become None. Raises ValueError for a
-  file that is not a feature-sweep table or a (pipeline, head, seed) seen twice."""
+  """The rows of every csv in `paths`, in order; empty cells become None (so do columns a table
+  written before them lacks). Raises ValueError for a file that is not a feature-sweep table or
+  a (pipeline, head, seed) seen twice."""
   rows, seen = [], {}
   for path in paths:
     with open(path, encoding="utf-8", newline="") as f:
       reader = csv.DictReader(f)
-      if tuple(reader.fieldnames or ()) != COLUMNS:
-        raise ValueError(f"{path}: not a feature-sweep table (expected the columns "
-                         f"{','.join(COLUMNS)}, got {','.join(reader.fieldnames or ())})")
+      names = tuple(reader.fieldnames or ())
+      if not set(_KEY) <= set(names) or not set(names) <= set(COLUMNS):
+        raise ValueError(f"{path}: not a feature-sweep table (expected {','.join(_KEY)} among "
+                         f"the columns {','.join(COLUMNS)}, got {','.join(names)})")
       for row in reader:
-        key = (row["pipeline"], row["head"], row["seed"])
+        key = tuple(row[k] for k in _KEY)
         if key in seen:
           raise ValueError(f"{path}: {key} is already in {seen[key]}: the same seed twice")
         seen[key] = path

@@ -53,6 +53,7 @@ flags.DEFINE_bool("end_to_end", False, "Also run the end-to-end pixel attack per
 flags.DEFINE_string("results_dir", None, "Also write the table there (e.g. experiments/results).")
 flags.DEFINE_string("table_name", "feature_sweep", "File name (no suffix) of the .md/.csv table.")
 FLAGS = flags.FLAGS
+_DENSE_FIRST = ("linear", "mlp1", "mlp2", "mlp3")  # heads whose first layer is dense
 
 def _pixel_attack(steps: int) -> attack.AttackConfig:
   """DLG-style pixel attack of the quickstart preset (L-BFGS, l2, light TV)."""
@@ -98,7 +99,12 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
            "feature_rel_error": out["feature_rel_error_mean"],
            "pooled_feature_rel_error": out["pooled_feature_rel_error_mean"],
            "feature_cosine": out["feature_cosine_mean"], "psnr": out["psnr_mean"],
-           "ssim": out["ssim_mean"], "label_accuracy": out["label_accuracy"]}
+           "ssim": out["ssim_mean"], "label_accuracy": out["label_accuracy"],
+           "first_layer_sv_ratio": out.get("first_layer_sv_ratio")}
+    if row["first_layer_sv_ratio"] is None and head in _DENSE_FIRST:  # run older than the metric
+      batch = report.load_npz(os.path.join(workdir, name, "data.npz"))
+      row["first_layer_sv_ratio"] = features_pipeline.first_layer_separation(
+          dataclasses.replace(base, features=fc), batch["clips"], batch["labels"])
     if FLAGS.end_to_end and feature_attack_name == "matching":
       e2e = _run(dataclasses.replace(
           base, workdir=os.path.join(workdir, f"{head}_end_to_end"),
@@ -113,9 +119,8 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
 
 def _head_attacks() -> list[tuple[str, str]]:
   """(head, stage-1 attack) pairs in table order: per attack, every head it applies to."""
-  dense_first = ("linear", "mlp1", "mlp2", "mlp3")
   return [(head, name) for name in FLAGS.feature_attacks for head in FLAGS.heads
-          if name == "matching" or head in dense_first]
+          if name == "matching" or head in _DENSE_FIRST]
 
 
 def _oracle_row(cfg: runner.RunConfig, clips: np.ndarray) -> dict:

@@ -14,10 +14,11 @@ from scipy import stats
 from vidleak_jax import report
 
 COLUMNS = ("pipeline", "head", "head_params", "feature_rel_error", "pooled_feature_rel_error",
-           "feature_cosine", "psnr", "ssim", "psnr_end_to_end", "label_accuracy", "seed")
+           "feature_cosine", "psnr", "ssim", "psnr_end_to_end", "label_accuracy",
+           "first_layer_sv_ratio", "seed")
 DEPTH_ORDER = ("linear", "mlp1", "mlp2", "mlp3")  # MLP heads with 0, 1, 2, 3 hidden layers
 _AVERAGED = ("feature_rel_error", "pooled_feature_rel_error", "feature_cosine", "psnr", "ssim",
-             "psnr_end_to_end", "label_accuracy")
+             "psnr_end_to_end", "label_accuracy", "first_layer_sv_ratio")
 
 
 def _format(column: str, value) -> str:

@@ -115,6 +115,20 @@ def test_the_inputs_lie_in_the_span_of_the_first_layers_kernel_gradient(name, nu
     assert outside > 1e-2
 
 
+def test_first_layer_errors_are_the_per_clip_bias_gradients():
+  head_apply, params, features, labels = _pooled_head("linear", 2 * B)
+  errors = an.first_layer_errors(head_apply, params, features, labels, "head")
+  want = _output_errors(head_apply, params, features, labels, 2 * B)  # one clip: no 1/B
+  np.testing.assert_allclose(errors, want, rtol=1e-5, atol=1e-7)
+  assert an.singular_value_ratio(errors) == pytest.approx(
+      np.linalg.svd(np.asarray(want), compute_uv=False)[-1]
+      / np.linalg.svd(np.asarray(want), compute_uv=False)[0], rel=1e-4)
+  assert an.singular_value_ratio(np.diag([1.0, 2.0, 4.0])) == pytest.approx(0.25)
+  assert an.singular_value_ratio(np.ones((3, 5))) < 1e-12  # rank 1: two directions invisible
+  assert an.singular_value_ratio(np.ones((3, 2))) == 0.0  # fewer units than clips
+  assert an.singular_value_ratio(np.zeros((2, 4))) == 0.0
+
+
 def test_null_spaces_match_hand_built_ones():
   errors = np.array([[1.0, -1.0], [2.0, -2.0], [0.0, 0.0]])  # rank 1: B = 3, H = 2
   kernel = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # D = 3, H = 2: Wᵀv = 0 at (1,1,-1)
@@ -168,7 +182,9 @@ def test_the_pipeline_recovers_a_batch_through_a_wide_first_layer(tmp_path, atta
           head="mlp1", head_kwargs={"hidden": 1024}, attack=attack, pretrain_clips=4,
           pretrain=pretrain.PretrainConfig(steps=4, batch_size=2),
           inversion=fa.StageConfig(steps=2)))
-  errors = np.sort(runner.run(cfg)["pooled_feature_rel_error"])
+  result = runner.run(cfg)
+  assert 0 < result["first_layer_sv_ratio"] <= 1
+  errors = np.sort(result["pooled_feature_rel_error"])
   if attack == "subspace":  # matching in the span: every clip, isolated or not
     assert errors[-1] < 1e-3, errors
     return

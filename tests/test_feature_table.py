@@ -101,6 +101,13 @@ def test_sweeps_of_different_seeds_merge_into_one_table(tmp_path):
     assert from_csv[key] == pytest.approx(direct[key]), key
   with pytest.raises(ValueError, match="the same seed twice"):
     combine_feature_tables.read_rows([paths[0], paths[0]])
+  # A table written before a column existed merges too, with that column empty.
+  lines = (tmp_path / "b.csv").read_text().splitlines()
+  drop = lines[0].split(",").index("first_layer_sv_ratio")
+  (tmp_path / "old.csv").write_text("\n".join(
+      ",".join(v for i, v in enumerate(line.split(",")) if i != drop) for line in lines) + "\n")
+  old = combine_feature_tables.read_rows([paths[0], str(tmp_path / "old.csv")])
+  assert len(old) == 6 * 5 and all(r.get("first_layer_sv_ratio") is None for r in old)
 
   out = tmp_path / "merged"
   proc = subprocess.run([sys.executable, "-m", "experiments.combine_feature_tables",

@@ -261,22 +261,40 @@ def stage_attack(cfg, captured=None) -> None:
       history_features=np.asarray(feature_history))
 
 
+def first_layer_separation(cfg, clips: np.ndarray, labels: np.ndarray,
+                           victim: FeatureVictim | None = None) -> float | None:
+  """How well the head's first dense layer separates the true batch (clips [B,T,H,W,C], int
+  labels [B]) in its gradient: `analytic.singular_value_ratio` of its per-clip errors; None for
+  heads that do not start with a dense layer."""
+  victim = victim or build_victim(cfg)
+  if not hasattr(victim.head, "depth"):  # not an MLPHead
+    return None
+  features = jax.jit(victim.extract)(jnp.asarray(clips))
+  errors = analytic.first_layer_errors(victim.head_apply, victim.params, features,
+                                       np.asarray(labels), analytic.first_layer_name(victim.head))
+  return analytic.singular_value_ratio(errors)
+
+
 def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray]
                     ) -> dict[str, Any]:
   """Eval side: feature-space error of the recovered features [B,T,D], each matched to the true
   clip whose features it is closest to (Hungarian on relative error); `feature_assignment` [B]
-  says which (recovered clip feature_assignment[i] ~ true clip i)."""
+  says which (recovered clip feature_assignment[i] ~ true clip i). Heads that start with a dense
+  layer add `first_layer_sv_ratio` (`analytic.singular_value_ratio` on the true batch)."""
   if "features" not in rec:
     raise ValueError("reconstruction.npz holds no recovered features: rerun the 'attack' stage "
                      "with --pipeline=features")
-  module = _extractor(cfg)
-  true_features = np.asarray(jax.jit(extractors.frozen(module))(jnp.asarray(truth["clips"])))
+  victim = build_victim(cfg)
+  true_features = np.asarray(jax.jit(victim.extract)(jnp.asarray(truth["clips"])))
   perm = feature_attack.match_features_to_truth(rec["features"], true_features)
   out: dict[str, Any] = feature_attack.feature_errors(rec["features"][perm], true_features)
   out["feature_assignment"] = [int(i) for i in perm]
   out["feature_rel_error_mean"] = float(np.mean(out["feature_rel_error"]))
   out["feature_cosine_mean"] = float(np.mean(out["feature_cosine"]))
   out["pooled_feature_rel_error_mean"] = float(np.mean(out["pooled_feature_rel_error"]))
+  separation = first_layer_separation(cfg, truth["clips"], truth["labels"], victim)
+  if separation is not None:
+    out["first_layer_sv_ratio"] = separation
   out.update(pipeline="features", extractor=cfg.features.extractor, head=cfg.features.head,
              feature_attack=cfg.features.attack)
   return out

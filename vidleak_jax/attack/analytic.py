@@ -10,7 +10,9 @@ dL/dW = xᵀE and dL/db = Σ_b E_b, E [B,H] = dL/dz. Hence:
                             in B × rank coefficients instead of B × D features.
   `closed_form_features`    the first two for an `MLPHead`'s feature matrix [B,T,D].
   `span_code`               its span as the coefficients to optimise, with their decoder.
-  `invisible_input_shifts`  what no attack can recover: shifts x + n vᵀ with Eᵀn = 0, Wᵀv = 0.
+  `invisible_input_shifts`  what no attack can recover: shifts x + n vᵀ with Eᵀn = 0, Wᵀv = 0;
+                            `singular_value_ratio` of E (`first_layer_errors`) says how close a
+                            batch is to having such a shift.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidleak_jax.attack.objectives import leaf_paths
-from vidleak_jax.types import Grads
+from vidleak_jax.attack.objectives import client_update, leaf_paths
+from vidleak_jax.types import ApplyFn, Grads, Params
 
 
 def _leaf(grads: Grads, path: str) -> jax.Array:
@@ -108,6 +110,26 @@ def isolated_inputs(grads: Grads, layer: str, *, rtol: float = 1e-4,
   return ratios[picks].astype(np.float32) if picks else np.zeros((0, kernel.shape[0]), np.float32)
 
 
+def first_layer_errors(head_apply: ApplyFn, params: Params, features: jax.Array,
+                       labels: jax.Array, layer: str) -> np.ndarray:
+  """E [B,H]: dL_b/dz of dense layer `layer` for each clip b alone (its per-clip bias gradient),
+  from the true features [B,T,D] and int labels [B] (an evaluation-side quantity)."""
+  def per_clip(f, y):
+    return _leaf(client_update(head_apply, params, f[None], y[None]), f"{layer}/bias")
+
+  return np.asarray(jax.jit(jax.vmap(per_clip))(jnp.asarray(features), jnp.asarray(labels)))
+
+
+def singular_value_ratio(errors: np.ndarray) -> float:
+  """σ_B / σ_1 of E [B,H] (0 when H < B): 1 when the gradient carries B well-separated directions
+  of the batch, near 0 when one of them is (almost) invisible (`invisible_input_shifts`)."""
+  errors = np.asarray(errors, np.float64)
+  s = np.linalg.svd(errors, compute_uv=False)
+  if len(s) < errors.shape[0] or not s[0] > 0:
+    return 0.0
+  return float(s[-1] / s[0])
+
+
 def invisible_input_shifts(errors: jax.Array, kernel: jax.Array,
                            rtol: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
   """Input shifts x + n vᵀ that a first dense layer's gradient cannot see.
@@ -141,7 +163,7 @@ def features_from_input(x: jax.Array, frames: int, dim: int, pooling: str) -> ja
   return jnp.broadcast_to(x[:, None, :], (x.shape[0], frames, dim))
 
 
-def _first_layer(head) -> str:
+def first_layer_name(head) -> str:
   """The first dense layer of an `MLPHead` (`heads.py`): fc1, or the output layer if linear."""
   return "fc1" if head.depth else "head"
 
@@ -151,9 +173,9 @@ def closed_form_features(grads: Grads, head, start: jax.Array) -> tuple[jax.Arra
   units see alone (all of them at B = 1), the others kept at `start` [B,T,D]; and how many."""
   batch, frames = start.shape[:2]
   if batch == 1:
-    x = analytic_first_layer(grads, _first_layer(head))[None]
+    x = analytic_first_layer(grads, first_layer_name(head))[None]
   else:
-    x = isolated_inputs(grads, _first_layer(head))[:batch]
+    x = isolated_inputs(grads, first_layer_name(head))[:batch]
   found = features_from_input(x, frames, head.dim, head.pooling)
   return jnp.concatenate([found, start[len(x):]]).astype(jnp.float32), len(x)
 
@@ -162,7 +184,7 @@ def span_code(grads: Grads, head, start: jax.Array) -> tuple[jax.Array, Callable
   """Coefficients [B, r] of `start` [B,T,D] in the span of an `MLPHead`'s first-layer inputs
   (`input_span`), and the decoder coefficients -> features [B,T,D] (coefficients @ spanᵀ)."""
   batch, frames = start.shape[:2]
-  span = input_span(grads, _first_layer(head), batch)
+  span = input_span(grads, first_layer_name(head), batch)
   pooled = start.reshape(batch, -1) if head.pooling == "flatten" else start.mean(1)
 
   def decode(coefficients: jax.Array) -> jax.Array:
