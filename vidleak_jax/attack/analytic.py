@@ -90,8 +90,8 @@ def isolated_inputs(grads: Grads, layer: str, *, rtol: float = 1e-4,
   is x_i exactly. A unit that several clips drive gives a weighted mean of their inputs, which
   other units do not reproduce. Ratios that at least `min_units` units share (relative distance
   < rtol) are returned, one per group (that of its unit with the largest |dL/db|), the largest
-  group first; M <= B, and M = 0 when no unit isolates a clip (e.g. a softmax output layer at
-  B > 1). At B = 1 every unit with a non-zero bias gradient agrees: `analytic_first_layer`.
+  group first; M = 0 when no unit isolates a clip (e.g. a softmax output layer at B > 1). At
+  B = 1 every unit with a non-zero bias gradient agrees: `analytic_first_layer`.
   """
   if min_units < 1 or not rtol > 0:
     raise ValueError(f"min_units must be >= 1 and rtol > 0, got {min_units}, {rtol}")
