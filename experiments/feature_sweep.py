@@ -39,8 +39,8 @@ flags.DEFINE_list("seeds", ["0"], "Seeds of clips, models and attacks; one table
 flags.DEFINE_bool("known_labels", False, "Give every attack the true labels (separates label "
                   "recovery from feature recovery).")
 flags.DEFINE_integer("batch_size", 1, "Clips per client batch.", lower_bound=1)
-flags.DEFINE_integer("num_classes", 4, "Classes of the synthetic clips and the heads (a linear head "
-                     "on pooled features is identifiable only when batch_size < num_classes).",
+flags.DEFINE_integer("num_classes", 4, "Classes of the synthetic clips and the heads (a linear "
+                     "head on pooled features is identifiable only when batch_size < num_classes).",
                      lower_bound=2)
 flags.DEFINE_integer("pretrain_steps", 300, "Extractor pre-training steps.", lower_bound=1)
 flags.DEFINE_integer("match_steps", 300, "Stage 1 (feature matching) steps.", lower_bound=1)
