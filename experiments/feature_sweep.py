@@ -88,23 +88,22 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
     fc = dataclasses.replace(base.features, head=head, attack=feature_attack_name)
     name = head if feature_attack_name == "matching" else f"{head}_{feature_attack_name}"
     out = _run(dataclasses.replace(base, workdir=os.path.join(workdir, name), features=fc))
-    same = report.load_npz(os.path.join(workdir, name, "data.npz"))["clips"]
-    if not np.array_equal(same, clips):
+    batch = report.load_npz(os.path.join(workdir, name, "data.npz"))
+    if not np.array_equal(batch["clips"], clips):
       raise RuntimeError(f"run {name!r} attacked different clips than the raw-frame run")
-    params = features_pipeline.build_victim(dataclasses.replace(base, features=fc)).params
+    victim = features_pipeline.build_victim(dataclasses.replace(base, features=fc))
     pipeline = (f"features ({fc.extractor})" if feature_attack_name == "matching" else
                 f"features ({fc.extractor}, {feature_attack_name})")
     row = {"pipeline": pipeline, "head": head,
-           "head_params": sum(int(np.size(p)) for p in jax.tree.leaves(params)),
+           "head_params": sum(int(np.size(p)) for p in jax.tree.leaves(victim.params)),
            "feature_rel_error": out["feature_rel_error_mean"],
            "pooled_feature_rel_error": out["pooled_feature_rel_error_mean"],
            "feature_cosine": out["feature_cosine_mean"], "psnr": out["psnr_mean"],
            "ssim": out["ssim_mean"], "label_accuracy": out["label_accuracy"],
            "first_layer_sv_ratio": out.get("first_layer_sv_ratio")}
     if row["first_layer_sv_ratio"] is None and head in _DENSE_FIRST:  # run older than the metric
-      batch = report.load_npz(os.path.join(workdir, name, "data.npz"))
       row["first_layer_sv_ratio"] = features_pipeline.first_layer_separation(
-          dataclasses.replace(base, features=fc), batch["clips"], batch["labels"])
+          victim, jax.jit(victim.extract)(clips), batch["labels"])
     if FLAGS.end_to_end and feature_attack_name == "matching":
       e2e = _run(dataclasses.replace(
           base, workdir=os.path.join(workdir, f"{head}_end_to_end"),

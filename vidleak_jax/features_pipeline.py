@@ -261,15 +261,13 @@ def stage_attack(cfg, captured=None) -> None:
       history_features=np.asarray(feature_history))
 
 
-def first_layer_separation(cfg, clips: np.ndarray, labels: np.ndarray,
-                           victim: FeatureVictim | None = None) -> float | None:
-  """How well the head's first dense layer separates the true batch (clips [B,T,H,W,C], int
+def first_layer_separation(victim: FeatureVictim, features: jax.Array,
+                           labels: np.ndarray) -> float | None:
+  """How well the head's first dense layer separates the true batch (features [B,T,D], int
   labels [B]) in its gradient: `analytic.singular_value_ratio` of its per-clip errors; None for
   heads that do not start with a dense layer."""
-  victim = victim or build_victim(cfg)
   if not hasattr(victim.head, "depth"):  # not an MLPHead
     return None
-  features = jax.jit(victim.extract)(jnp.asarray(clips))
   errors = analytic.first_layer_errors(victim.head_apply, victim.params, features,
                                        np.asarray(labels), analytic.first_layer_name(victim.head))
   return analytic.singular_value_ratio(errors)
@@ -292,7 +290,7 @@ def feature_metrics(cfg, rec: dict[str, np.ndarray], truth: dict[str, np.ndarray
   out["feature_rel_error_mean"] = float(np.mean(out["feature_rel_error"]))
   out["feature_cosine_mean"] = float(np.mean(out["feature_cosine"]))
   out["pooled_feature_rel_error_mean"] = float(np.mean(out["pooled_feature_rel_error"]))
-  separation = first_layer_separation(cfg, truth["clips"], truth["labels"], victim)
+  separation = first_layer_separation(victim, true_features, truth["labels"])
   if separation is not None:
     out["first_layer_sv_ratio"] = separation
   out.update(pipeline="features", extractor=cfg.features.extractor, head=cfg.features.head,
