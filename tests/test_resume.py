@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -100,6 +102,30 @@ def test_resumed_attack_equals_uninterrupted_and_foreign_checkpoints_are_refused
   resumed = _attack(checkpoint_dir=directory, progress=record)
   assert seen == [(6, 6), (9, 6), (12, 6)]
   _assert_same_result(resumed, expected)
+
+
+def test_a_checkpoint_older_than_a_config_field_resumes_while_the_field_has_its_default(
+    tmp_path):
+  key, labels, clip_shape = jax.random.key(0), np.array([1]), (1, 2, 4, 4, 3)
+  target = {"w": np.ones((3,), np.float32)}
+  describe = lambda config: vl.attack.checkpoint.describe(key, config, clip_shape, labels,
+                                                          target, None)
+  old = {name: value for name, value in describe(CONFIG).items() if name != "fingerprint"}
+  del old["config"]["map_batch_size"]  # as written before the field existed
+  old["fingerprint"] = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()
+  state = vl.attack.AttackState(np.zeros((2, 3), np.float32), (), np.asarray(3, np.int32),
+                                np.ones((2,), np.float32), np.zeros((2, 3), np.float32))
+  record = vl.attack.checkpoint.LoopRecord(done=3, chunks=[{"loss": np.ones((3, 2), np.float32)}])
+  writer = vl.attack.checkpoint.Checkpointer(str(tmp_path), old)
+  writer.save(state, record)
+  writer.close()
+
+  restored, got = vl.attack.checkpoint.Checkpointer(str(tmp_path), describe(CONFIG)).restore(state)
+  assert got.done == 3 and int(restored.step) == 3
+  np.testing.assert_array_equal(got.history()["loss"], record.history()["loss"])
+  other = dataclasses.replace(CONFIG, map_batch_size=4)
+  with pytest.raises(ValueError, match=r"differs: map_batch_size 0 -> 4\)"):
+    vl.attack.checkpoint.Checkpointer(str(tmp_path), describe(other)).restore(state)
 
 
 def test_a_stop_requested_after_the_last_dispatch_keeps_the_finished_attack(tmp_path,

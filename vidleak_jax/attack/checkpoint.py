@@ -79,7 +79,7 @@ def describe(key: jax.Array, config: AttackConfig, clip_shape: tuple[int, ...], 
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   description = {
-      "config": json.loads(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)),
+      "config": _config_json(config),
       "clip_shape": list(clip_shape),
       "labels": np.asarray(labels).tolist(),
       "key_sha256": _sha256(key),
@@ -92,13 +92,19 @@ def describe(key: jax.Array, config: AttackConfig, clip_shape: tuple[int, ...], 
   return {**description, "fingerprint": hashlib.sha256(text.encode()).hexdigest()}
 
 
+def _config_json(config: AttackConfig) -> dict[str, Any]:
+  return json.loads(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
+
+
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """What differs between two `describe` results; a config field that the saved description
+  lacks (added to `AttackConfig` after it was written) reads as its default."""
   names = []
   for name in sorted(set(saved) | set(current)):
     if name == "fingerprint" or saved.get(name) == current.get(name):
       continue
     if name == "config" and isinstance(saved.get(name), dict):
-      old, new = saved[name], current[name]
+      old, new = {**_config_json(AttackConfig()), **saved[name]}, current[name]
       names += [f"{field} {old.get(field)!r} -> {new.get(field)!r}"
                 for field in sorted(set(old) | set(new)) if old.get(field) != new.get(field)]
     else:
@@ -110,7 +116,8 @@ class Checkpointer:
   """Saves and restores one attack's progress in `directory` (the latest checkpoint is kept).
 
   A checkpoint of a different attack (another config, clip shape, key, labels, shared update or
-  references) is refused with a ValueError naming what differs; it is never overwritten.
+  references) is refused with a ValueError naming what differs; it is never overwritten. One
+  written before a config field existed resumes if the field has its default value.
   """
 
   def __init__(self, directory: str, description: dict[str, Any]):
@@ -132,8 +139,8 @@ class Checkpointer:
       return None
     meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
     saved = meta.get("description", {})
-    if saved.get("fingerprint") != self.description["fingerprint"]:
-      differ = ", ".join(_differences(saved, self.description)) or "fingerprint"
+    differ = ", ".join(_differences(saved, self.description))
+    if differ:
       raise ValueError(f"{self.directory} holds a checkpoint of a different attack (differs: "
                        f"{differ}): rerun the command that wrote it to resume it, or delete "
                        f"{self.directory} to start afresh")
