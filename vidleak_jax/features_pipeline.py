@@ -232,9 +232,9 @@ def stage_attack(cfg, captured=None) -> None:
   shared = unflatten_like(victim.params, shared, name="shared_update.npz")
   clip_shape = (cfg.batch_size, *cfg.clip_shape)
   keys = jax.random.split(runner._keys(cfg.seed)["attack"])  # pylint: disable=protected-access
-  labels = known if known is not None else attack.recover_labels(
-      keys[0], victim.apply_fn, victim.params, shared, clip_shape)
   refs = _references(cfg)
+  labels = known if known is not None else attack.recover_labels(
+      keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs)
   init = _init_clips(jax.random.fold_in(keys[1], 0), refs, clip_shape)
   if cfg.features.attack == "end_to_end":
     rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,

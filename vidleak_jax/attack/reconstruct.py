@@ -130,7 +130,8 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   is jitted once; `config.log_every` steps run per dispatch, then `progress` is called.
   `mesh`: restarts are split over its devices; "auto" uses all devices when R divides evenly
   (see `candidate_mesh`), None keeps everything on the default device. `references` [k,H,W,C]
-  are the attacker's frames of the same camera (for `config.init="reference"`).
+  are the attacker's frames of the same camera (for `config.init="reference"`, and the probes of
+  label recovery at B > 1).
 
   `checkpoint_dir`: the attack resumes from the latest checkpoint there (refused with a
   ValueError if it belongs to a different attack) and saves one after every `checkpoint_every`-th
@@ -144,7 +145,8 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   validate_target_grads(params, target_grads)
   label_key, init_key = jax.random.split(key)
   if labels is None:
-    labels = recover_labels(label_key, apply_fn, params, target_grads, clip_shape)
+    labels = recover_labels(label_key, apply_fn, params, target_grads, clip_shape,
+                            references=references)
   labels = jnp.asarray(labels)
   if labels.shape[0] != clip_shape[0]:
     raise ValueError(f"labels must have B={clip_shape[0]} entries, got shape {labels.shape}")
