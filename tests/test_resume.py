@@ -216,7 +216,6 @@ def _assert_same_outputs(workdir, reference):
   assert not (workdir / "checkpoints").exists()  # removed once the outputs were written
 
 
-@pytest.mark.slow
 def test_eta_leaves_out_the_compile_time(tmp_path, monkeypatch):
   clock = iter([100.0, 130.0])  # AttackLog's start, then the first dispatch's end
   monkeypatch.setattr(logging_io.time, "perf_counter", lambda: next(clock))
@@ -228,6 +227,7 @@ def test_eta_leaves_out_the_compile_time(tmp_path, monkeypatch):
   assert line["wall_s"] == 30.0 and line["eta_s"] == pytest.approx(40.0)  # 8 steps x 5 s
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, uninterrupted):
   workdir = tmp_path / "run"
   killed = _interrupt_after_first_checkpoint(workdir, signal.SIGKILL)
