@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -54,6 +55,19 @@ def test_depth_sweep_preset_writes_one_table_over_heads_and_attacks(tmp_path):
   # Every run attacked the clips of the raw-frame run (the sweep checks it) in the seed's dir.
   for run in ("raw_frames", "linear", "mlp1", "linear_subspace", "mlp1_subspace"):
     assert (tmp_path / "seed_0" / run / "metrics.json").exists()
+
+  # A finished run written before first_layer_sv_ratio existed: the sweep computes it again.
+  metrics_path = tmp_path / "seed_0" / "mlp1" / "metrics.json"
+  metrics = json.loads(metrics_path.read_text())
+  del metrics["first_layer_sv_ratio"]
+  metrics_path.write_text(json.dumps(metrics))
+  proc = _sweep("--flagfile=experiments/flags/feature_sweep_depth.flags", *SHORT,
+                "--feature_attacks=matching,subspace", f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stderr.count("is done, reusing its metrics.json") == 5
+  again = table()
+  ratios = lambda table_rows: [float(r["first_layer_sv_ratio"] or "nan") for r in table_rows]
+  assert ratios(again) == pytest.approx(ratios(rows), rel=1e-5, nan_ok=True)
 
 
 @pytest.mark.parametrize("bad, expected", [
