@@ -65,8 +65,8 @@ def one_seed(seed: int) -> dict[str, float]:
   clips, labels = jnp.asarray(batch["clips"]), np.asarray(batch["labels"])
   grads = runner.client_side(cfg, apply_fn, params, clips, jnp.asarray(labels))
   k, (t, *frame) = cfg.num_classes, cfg.clip_shape
-  recover = lambda refs: np.asarray(label_recovery.recover_labels(
-      jax.random.key(seed), apply_fn, params, grads, clips.shape, references=refs))
+  recover = lambda given: np.asarray(label_recovery.recover_labels(
+      jax.random.key(seed), apply_fn, params, grads, clips.shape, references=given))
   counts = {"uniform": np.bincount(recover(None), minlength=k),
             "references": np.bincount(recover(refs), minlength=k)}
   bias_grad = np.asarray(label_recovery.last_layer_bias_grad(grads, k))

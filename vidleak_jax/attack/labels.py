@@ -48,9 +48,9 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
   estimated from the model's predictions on probe clips: the attacker's `references` [k,H,W,C]
   (frames of the same camera) held still for T frames when given, else `num_probe_clips` clips of
   uniform noise drawn with `key`. Through a frozen ImageNet extractor the camera's frames predict
-  the batch far better than noise (BUILD.md: the whole multiset right in 77–100 % of seeds
-  instead of 5–63 %). Order within the batch is not identifiable; the evaluation matches
-  reconstructions to ground truth.
+  the batch far better than noise (the whole multiset right in 77–100 % of seeds instead of
+  5–63 %: experiments/results/label_probes.md). Order within the batch is not identifiable;
+  the evaluation matches reconstructions to ground truth.
   """
   batch_size = clip_shape[0]
   logits_shape = jax.eval_shape(apply_fn, params, jnp.zeros((1, *clip_shape[1:]), jnp.float32))
