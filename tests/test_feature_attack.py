@@ -234,3 +234,18 @@ def test_every_clip_of_the_batch_starts_from_its_own_point():
       jax.random.key(0), refs, (2, 4, 16, 16, 3))
   assert np.abs(start - np.median(refs, axis=0)).max() < 0.1
   assert np.abs(start[0] - start[1]).max() > 1e-3
+
+
+def test_the_attack_gets_the_references_whenever_it_uses_them(tmp_path):
+  refs = np.random.default_rng(0).random((2, 16, 16, 3), dtype=np.float32)
+  report.save_npz(tmp_path / "references.npz", frames=refs)
+  for init, param, given in (("uniform", "direct", False), ("reference", "direct", True),
+                             ("uniform", "background_residual", True)):
+    cfg = runner.RunConfig(
+        workdir=str(tmp_path), pipeline="features", clip_shape=(2, 16, 16, 3),
+        attack=vl.attack.AttackConfig(init=init, param=param),
+        features=features_pipeline.FeatureConfig(attack="end_to_end"))
+    got = features_pipeline._references(cfg)  # pylint: disable=protected-access
+    assert (got is not None) == given, (init, param)
+    if given:
+      np.testing.assert_array_equal(got, refs)

@@ -169,11 +169,12 @@ def stage_pretrain(cfg) -> None:
 
 
 def _references(cfg) -> np.ndarray | None:
-  """The attacker's reference frames [k,H,W,C] when --init=reference, else None."""
-  if cfg.attack.init != "reference":
+  """The attacker's reference frames [k,H,W,C] when the attack uses them (--init=reference, or
+  --param=background_residual of the end-to-end attack), else None."""
+  if cfg.attack.init != "reference" and cfg.attack.param != "background_residual":
     return None
   refs = report.load_npz(os.path.join(cfg.workdir, "references.npz"))["frames"]
-  if len(refs) == 0:
+  if len(refs) == 0 and cfg.attack.init == "reference":
     raise ValueError("--init=reference needs reference frames: rerun the 'data' stage with "
                      "--references=k (k >= 1)")
   return refs
@@ -235,7 +236,8 @@ def stage_attack(cfg, captured=None) -> None:
   refs = _references(cfg)
   labels = known if known is not None else attack.recover_labels(
       keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs)
-  init = _init_clips(jax.random.fold_in(keys[1], 0), refs, clip_shape)
+  init = _init_clips(jax.random.fold_in(keys[1], 0),
+                     refs if cfg.attack.init == "reference" else None, clip_shape)
   if cfg.features.attack == "end_to_end":
     rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
                              clip_shape=clip_shape, labels=labels, config=cfg.attack,
