@@ -88,12 +88,12 @@ def test_reference_frames_recover_batch_labels_through_a_frozen_extractor(tmp_pa
     batch = report.load_npz(str(tmp_path / str(seed) / "data.npz"))
     refs = report.load_npz(str(tmp_path / str(seed) / "references.npz"))["frames"]
     apply_fn, params = runner.build_victim(cfg)
-    clips, labels = jnp.asarray(batch["clips"]), np.sort(batch["labels"])
-    target = runner.client_side(cfg, apply_fn, params, clips, jnp.asarray(labels))
+    clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
+    target = runner.client_side(cfg, apply_fn, params, clips, labels)
     for name, given in (("noise", None), ("references", refs)):
       got = vl.attack.recover_labels(jax.random.key(seed), apply_fn, params, target, clips.shape,
                                      references=given)
-      right[name].append(got.tolist() == labels.tolist())
+      right[name].append(got.tolist() == sorted(labels.tolist()))
   assert all(right["references"]) and not all(right["noise"]), right
   with pytest.raises(ValueError, match=r"references must be \[k, 32, 32, 3\]"):
     vl.attack.recover_labels(jax.random.key(0), apply_fn, params, target, clips.shape,
