@@ -27,7 +27,7 @@ from experiments.benchmark_core import (add_cost_vs_single, bench_one, combine_r
                                         markdown_table, matmul_gflops)
 import vidleak_jax as vl
 from vidleak_jax.attack.config import BATCHING, CONVS
-from vidleak_jax.runner import MATMUL_PRECISIONS
+from vidleak_jax.pipeline import MATMUL_PRECISIONS
 
 _VICTIMS = flags.DEFINE_list("victims", ["c3d", "frame_cnn"],
                              f"Comma list of victims; valid: {', '.join(vl.models.VICTIMS)}.")
@@ -49,7 +49,7 @@ _STEPS_PER_DISPATCH = flags.DEFINE_integer(
     lower_bound=1)
 _PRECISION = flags.DEFINE_enum(
     "matmul_precision", "highest", list(MATMUL_PRECISIONS),
-    "float32 matmul/conv precision on both sides (the runner's default is highest; 'default' "
+    "float32 matmul/conv precision on both sides (the pipeline's default is highest; 'default' "
     "lets GPUs use TF32).")
 _GEMM_CEILING = flags.DEFINE_bool(
     "gemm_ceiling", False,

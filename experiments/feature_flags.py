@@ -6,7 +6,7 @@ from typing import Any
 
 from absl import flags
 
-from vidleak_jax import features_pipeline
+from vidleak_jax import pipeline
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.attack.objectives import DISTANCES
 from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
@@ -14,11 +14,11 @@ from vidleak_jax.models import extractors, heads
 from vidleak_jax.pretrain import PretrainConfig
 
 FLAGS = flags.FLAGS
-_FC = features_pipeline.FeatureConfig()
+_FC = pipeline.FeatureConfig()
 _INV = _FC.inversion
 _PRE = PretrainConfig()
 
-flags.DEFINE_enum("pipeline", "frames", list(features_pipeline.PIPELINES),
+flags.DEFINE_enum("pipeline", "frames", list(pipeline.PIPELINES),
                   "frames: the victim classifies raw frames; features: a frozen extractor turns "
                   "each clip into features [T,D] and only a classifier head is trained/shared.")
 flags.DEFINE_enum("extractor", _FC.extractor, extractors.EXTRACTORS.names(),
@@ -36,7 +36,7 @@ flags.DEFINE_enum("head_pooling", None, list(heads.POOLINGS),
                   "linear/mlp heads: time-mean of the features or all of them flattened.")
 flags.DEFINE_enum("head_activation", None, ["relu", "sigmoid", "tanh", "gelu"],
                   "Activation of the linear/mlp/conv1d/transformer head.")
-flags.DEFINE_enum("feature_attack", _FC.attack, list(features_pipeline.FEATURE_ATTACKS),
+flags.DEFINE_enum("feature_attack", _FC.attack, list(pipeline.FEATURE_ATTACKS),
                   "analytic | matching | subspace (stage 1, then feature inversion) | "
                   "end_to_end (pixels).")
 flags.DEFINE_enum("match_optimizer", _FC.matching.optimizer, OPTIMIZERS.names(),
@@ -81,7 +81,7 @@ def _input_size() -> tuple[int, int] | None:
 
 
 def run_config_kwargs() -> dict[str, Any]:
-  """`pipeline` and `features` fields of `runner.RunConfig` from the flags (ValueError/KeyError)."""
+  """`pipeline` and `features` fields of `pipeline.RunConfig` from the flags (ValueError/KeyError)."""
   extractor_kwargs: dict[str, Any] = {}
   if FLAGS.extractor_layer is not None:
     if FLAGS.extractor not in ("alexnet", "vgg16"):
@@ -96,7 +96,7 @@ def run_config_kwargs() -> dict[str, Any]:
     raise ValueError(f"--head_pooling applies to linear/mlp heads, not {FLAGS.head!r}")
   if "activation" in head_kwargs and FLAGS.head == "gru":
     raise ValueError("--head_activation does not apply to --head=gru")
-  features = features_pipeline.FeatureConfig(
+  features = pipeline.FeatureConfig(
       extractor=FLAGS.extractor, extractor_kwargs=extractor_kwargs,
       extractor_weights=FLAGS.extractor_weights, extractor_dir=FLAGS.extractor_dir,
       head=FLAGS.head, head_kwargs=head_kwargs, attack=FLAGS.feature_attack,

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments.feature_table import write_tables
-from vidleak_jax import attack, features_pipeline, metrics, report, runner
+from vidleak_jax import attack, metrics, pipeline, report
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.models import heads
 
@@ -61,8 +61,8 @@ def _pixel_attack(steps: int) -> attack.AttackConfig:
                              priors={"tv_spatial": 1e-4, "tv_temporal": 1e-4}, log_every=50)
 
 
-def _run(cfg: runner.RunConfig) -> dict:
-  """runner.run, or the metrics of a finished run of exactly this config in cfg.workdir: a killed
+def _run(cfg: pipeline.RunConfig) -> dict:
+  """pipeline.run, or the metrics of a finished run of exactly this config in cfg.workdir: a killed
   sweep, or one rerun with more heads or attacks, computes only what is missing."""
   metrics_path = os.path.join(cfg.workdir, "metrics.json")
   config_path = os.path.join(cfg.workdir, "config.json")
@@ -74,10 +74,10 @@ def _run(cfg: runner.RunConfig) -> dict:
       with open(metrics_path, encoding="utf-8") as f:
         return json.load(f)
   logging.info("sweep: %s", cfg.workdir)
-  return runner.run(cfg)
+  return pipeline.run(cfg)
 
 
-def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
+def _rows(base: pipeline.RunConfig, workdir: str) -> list[dict]:
   raw = _run(dataclasses.replace(base, workdir=os.path.join(workdir, "raw_frames"),
                                  pipeline="frames", victim="c3d",
                                  victim_kwargs={"features": 32}))
@@ -91,7 +91,7 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
     batch = report.load_npz(os.path.join(workdir, name, "data.npz"))
     if not np.array_equal(batch["clips"], clips):
       raise RuntimeError(f"run {name!r} attacked different clips than the raw-frame run")
-    victim = features_pipeline.build_victim(dataclasses.replace(base, features=fc))
+    victim = pipeline.feature_victim.build_feature_victim(dataclasses.replace(base, features=fc))
     pipeline = (f"features ({fc.extractor})" if feature_attack_name == "matching" else
                 f"features ({fc.extractor}, {feature_attack_name})")
     row = {"pipeline": pipeline, "head": head,
@@ -102,7 +102,7 @@ def _rows(base: runner.RunConfig, workdir: str) -> list[dict]:
            "ssim": out["ssim_mean"], "label_accuracy": out["label_accuracy"],
            "first_layer_sv_ratio": out.get("first_layer_sv_ratio")}
     if row["first_layer_sv_ratio"] is None and head in _DENSE_FIRST:  # run older than the metric
-      row["first_layer_sv_ratio"] = features_pipeline.first_layer_separation(
+      row["first_layer_sv_ratio"] = pipeline.features.first_layer_separation(
           victim, jax.jit(victim.extract)(clips), batch["labels"])
     if FLAGS.end_to_end and feature_attack_name == "matching":
       e2e = _run(dataclasses.replace(
@@ -122,9 +122,9 @@ def _head_attacks() -> list[tuple[str, str]]:
           if name == "matching" or head in _DENSE_FIRST]
 
 
-def _oracle_row(cfg: runner.RunConfig, clips: np.ndarray) -> dict:
+def _oracle_row(cfg: pipeline.RunConfig, clips: np.ndarray) -> dict:
   """Stage 2 from the true features: the frame PSNR a perfect stage 1 would give (eval only)."""
-  victim = features_pipeline.build_victim(cfg)
+  victim = pipeline.feature_victim.build_feature_victim(cfg)
   truth = jax.jit(victim.extract)(clips)
   found = feature_attack.invert_features(victim.extract, truth, np.full(clips.shape, 0.5,
                                                                          np.float32),
@@ -135,15 +135,15 @@ def _oracle_row(cfg: runner.RunConfig, clips: np.ndarray) -> dict:
           "ssim": float(metrics.ssim(found.value, clips).mean())}
 
 
-def _base_config(workdir: str, seed: int, shape: tuple[int, ...]) -> runner.RunConfig:
+def _base_config(workdir: str, seed: int, shape: tuple[int, ...]) -> pipeline.RunConfig:
   """The sweep's settings for one seed (its own extractor, pre-trained with that seed)."""
-  defaults = features_pipeline.FeatureConfig()
-  return runner.RunConfig(
+  defaults = pipeline.FeatureConfig()
+  return pipeline.RunConfig(
       workdir=workdir, seed=seed, clip_shape=shape, batch_size=FLAGS.batch_size,
       num_classes=FLAGS.num_classes,
       pipeline="features", attack=_pixel_attack(FLAGS.raw_steps), quiet=True,
       known_labels=FLAGS.known_labels,
-      features=features_pipeline.FeatureConfig(
+      features=pipeline.FeatureConfig(
           extractor=FLAGS.extractor,
           extractor_dir=os.path.join(workdir, f"extractor_{FLAGS.extractor}"),
           matching=dataclasses.replace(defaults.matching, steps=FLAGS.match_steps,

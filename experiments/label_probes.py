@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from vidleak_jax import features_pipeline, report, runner
+from vidleak_jax import pipeline, report
 from vidleak_jax.attack import labels as label_recovery
 from vidleak_jax.models import extractors, heads
 
-_PIPELINE = flags.DEFINE_enum("pipeline", "features", list(features_pipeline.PIPELINES),
+_PIPELINE = flags.DEFINE_enum("pipeline", "features", list(pipeline.PIPELINES),
                               "frames (raw-frame victim) or features (frozen extractor + head).")
 _VICTIM = flags.DEFINE_string("victim", "c3d", "Raw-frame victim (--pipeline=frames).")
 _EXTRACTOR = flags.DEFINE_enum(
@@ -53,17 +53,17 @@ def one_seed(seed: int) -> dict[str, float]:
   """{probe set: multiset accuracy} for one seed's batch."""
   with tempfile.TemporaryDirectory() as workdir:
     features = {} if _PIPELINE.value == "frames" else {
-        "features": features_pipeline.FeatureConfig(extractor=_EXTRACTOR.value, head=_HEAD.value)}
-    cfg = runner.RunConfig(workdir=workdir, stages=("data",), seed=seed, pipeline=_PIPELINE.value,
+        "features": pipeline.FeatureConfig(extractor=_EXTRACTOR.value, head=_HEAD.value)}
+    cfg = pipeline.RunConfig(workdir=workdir, stages=("data",), seed=seed, pipeline=_PIPELINE.value,
                            victim=_VICTIM.value, clip_shape=tuple(int(v) for v in _CLIP.value),
                            batch_size=_BATCH_SIZE.value, num_classes=_NUM_CLASSES.value,
                            references=_REFERENCES, **features)
-    runner.stage_data(cfg)
+    pipeline.frames.stage_data(cfg)
     batch = report.load_npz(os.path.join(workdir, "data.npz"))
     refs = report.load_npz(os.path.join(workdir, "references.npz"))["frames"]
-  apply_fn, params = runner.build_victim(cfg)
+  apply_fn, params = pipeline.build_victim(cfg)
   clips, labels = jnp.asarray(batch["clips"]), np.asarray(batch["labels"])
-  grads = runner.client_side(cfg, apply_fn, params, clips, jnp.asarray(labels))
+  grads = pipeline.rundir.client_side(cfg, apply_fn, params, clips, jnp.asarray(labels))
   k, (t, *frame) = cfg.num_classes, cfg.clip_shape
   recover = lambda given: np.asarray(label_recovery.recover_labels(
       jax.random.key(seed), apply_fn, params, grads, clips.shape, references=given))

@@ -12,14 +12,14 @@ from absl import app, flags
 
 from experiments import feature_flags  # --pipeline=features and its flags
 from experiments import sr_flags  # --sr and the sr stage's flags
-from experiments import sweep
-from vidleak_jax import attack, models, runner
+from experiments import cli, sweep
+from vidleak_jax import attack, models, pipeline
 
 _ATTACK_DEFAULTS = attack.AttackConfig()
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("workdir", "runs/default", "Output directory of the run.")
-flags.DEFINE_list("stages", list(runner.STAGES), f"Stages to run, of {', '.join(runner.STAGES)}.")
+flags.DEFINE_list("stages", list(pipeline.STAGES), f"Stages to run, of {', '.join(pipeline.STAGES)}.")
 flags.DEFINE_integer("seed", 0, "One seed for data, victim initialisation and attack.")
 # Data and victim.
 flags.DEFINE_string("data", "synthetic", "Client data: synthetic | video:PATH | shipped:NAME | "
@@ -90,7 +90,7 @@ flags.DEFINE_integer("png_scale", 4, "Integer upscaling of frames in PNG/GIF out
                      lower_bound=1)
 flags.DEFINE_float("gif_fps", 4.0, "Frames per second of comparison.gif.", lower_bound=0.1)
 flags.DEFINE_bool("quiet", False, "No progress bar (batch jobs).")
-flags.DEFINE_enum("matmul_precision", "highest", list(runner.MATMUL_PRECISIONS),
+flags.DEFINE_enum("matmul_precision", "highest", list(pipeline.MATMUL_PRECISIONS),
                   "Precision of float32 matmuls/convolutions (jax.default_matmul_precision); "
                   "'default' lets GPUs use faster TF32 passes.")
 flags.DEFINE_integer("checkpoint_every", 1, "Save the attack's progress in <workdir>/checkpoints "
@@ -116,7 +116,7 @@ def _ints(name: str, values, count: int) -> tuple[int, ...]:
   return out
 
 
-def config_from_flags() -> runner.RunConfig:
+def config_from_flags() -> pipeline.RunConfig:
   """Builds the run configuration; invalid values raise app.UsageError naming the flag."""
   victim_kwargs = {"features": FLAGS.victim_features, "activation": FLAGS.activation}
   if FLAGS.pooling is not None:
@@ -134,7 +134,7 @@ def config_from_flags() -> runner.RunConfig:
         log_every=FLAGS.log_every,
         param=FLAGS.param, residual_l1=FLAGS.residual_l1, residual_l2=FLAGS.residual_l2,
         residual_tv=FLAGS.residual_tv, attack_scale=int(FLAGS.attack_scale))
-    return runner.RunConfig(
+    return pipeline.RunConfig(
         workdir=FLAGS.workdir, stages=tuple(FLAGS.stages), seed=FLAGS.seed, data=FLAGS.data,
         frame_stride=FLAGS.frame_stride, references=FLAGS.references, tfds_dir=FLAGS.tfds_dir,
         data_split=FLAGS.data_split,
@@ -161,9 +161,10 @@ def main(argv):
       sys.exit(f"stopped: {e}")
   config = config_from_flags()
   if FLAGS.coordinator_address:
-    runner.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    pipeline.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
-    runner.run(config, flag_values=FLAGS.flag_values_dict())
+    pipeline.run(config, flag_values=FLAGS.flag_values_dict(),
+                 hidden_settings=cli.housekeeping_flags(FLAGS))
   except (OSError, ValueError, KeyError) as e:  # bad inputs: files, data, shapes, names
     sys.exit(f"error: {e}")
   except attack.AttackInterrupted as e:  # SIGTERM: progress saved, rerun to resume

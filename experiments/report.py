@@ -9,6 +9,7 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
 from vidleak_jax.report import html
 
 FLAGS = flags.FLAGS
@@ -19,7 +20,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   try:
-    print(html.write_report(FLAGS.workdir))
+    print(html.write_report(FLAGS.workdir, hidden=cli.housekeeping_flags(FLAGS)))
   except (OSError, ValueError, KeyError) as e:
     sys.exit(f"error: {e}")
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from vidleak_jax import attack, report, runner, sr
+from vidleak_jax import attack, pipeline, report, sr
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "runs/scenarios", "Directory of the runs.")
@@ -46,7 +46,7 @@ flags.DEFINE_integer("simulation_steps", 40, "Steps per simulated attack.", lowe
 METRICS = (("psnr_mean", "PSNR (dB)"), ("ssim_mean", "SSIM"), ("lpips_mean", "LPIPS"))
 
 
-def base_config(data: str, references: int, seed: int, workdir: str) -> runner.RunConfig:
+def base_config(data: str, references: int, seed: int, workdir: str) -> pipeline.RunConfig:
   """The attack of one (data, references, seed) cell."""
   t, h, w, c = (int(v) for v in FLAGS.shape)
   prior = dict(param="background_residual", init="reference", residual_l1=1e-2,
@@ -55,7 +55,7 @@ def base_config(data: str, references: int, seed: int, workdir: str) -> runner.R
                                steps=FLAGS.attack_steps, log_every=FLAGS.attack_steps,
                                priors={"tv_spatial": 1e-4, "tv_temporal": 1e-4},
                                attack_scale=FLAGS.scale, **prior)
-  return runner.RunConfig(workdir=workdir, seed=seed, data=data, clip_shape=(t, h, w, c),
+  return pipeline.RunConfig(workdir=workdir, seed=seed, data=data, clip_shape=(t, h, w, c),
                           frame_stride=2 if data.startswith("shipped:") else 1,
                           references=references, victim="c3d", attack=config, quiet=True)
 
@@ -70,7 +70,7 @@ def sr_config(method: str) -> sr.SRConfig:
                      simulation_steps=FLAGS.simulation_steps)
 
 
-def run_cell(base: runner.RunConfig, method: str) -> dict | None:
+def run_cell(base: pipeline.RunConfig, method: str) -> dict | None:
   """metrics.json of one SR method on the cell's reconstruction (None if not applicable)."""
   if method == "adapted" and base.references == 0:
     return None
@@ -82,9 +82,9 @@ def run_cell(base: runner.RunConfig, method: str) -> dict | None:
       shutil.copyfile(os.path.join(base.workdir, name), os.path.join(workdir, name))
     cfg = dataclasses.replace(base, workdir=workdir, png_scale=2,
                               sr=sr.SRConfig() if method == "none" else sr_config(method))
-    with jax.default_matmul_precision(cfg.matmul_precision):  # as runner.run does
-      runner.stage_sr(cfg)
-      runner.stage_eval(cfg)
+    with jax.default_matmul_precision(cfg.matmul_precision):  # as pipeline.run does
+      pipeline.sr.stage_sr(cfg)
+      pipeline.evaluate.stage_eval(cfg)
   with open(path) as f:
     metrics = json.load(f)
   return metrics if method == "none" else metrics["sr_metrics"]["after"]
@@ -161,7 +161,7 @@ def main(argv):
         workdir = os.path.join(FLAGS.out, data.replace(":", "_"), f"refs{k}", f"seed{seed}")
         base = base_config(data, int(k), seed, workdir)
         if not os.path.exists(os.path.join(workdir, "reconstruction.npz")):
-          runner.run(dataclasses.replace(base, stages=("data", "attack")))
+          pipeline.run(dataclasses.replace(base, stages=("data", "attack")))
         for method in FLAGS.sr_methods:
           metrics = run_cell(base, method)
           if metrics is not None:

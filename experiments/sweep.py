@@ -17,7 +17,8 @@ from typing import Callable, Collection, Iterator
 from absl import app, flags, logging
 from tqdm import tqdm
 
-from vidleak_jax import runner, sweep
+from experiments import cli
+from vidleak_jax import pipeline, sweep
 from vidleak_jax.report import html
 
 # Set by the sweep itself (workdir, per point) or meaningless inside a point.
@@ -62,9 +63,9 @@ def check_flag_names(spec: sweep.SweepSpec, valid: Collection[str]) -> None:
       raise ValueError(f"sweep {spec.name!r}: unknown flag --{name}{hint}")
 
 
-def point_config(flag_values: flags.FlagValues, config_from_flags: Callable[[], runner.RunConfig],
+def point_config(flag_values: flags.FlagValues, config_from_flags: Callable[[], pipeline.RunConfig],
                  spec: sweep.SweepSpec, point: sweep.Point,
-                 workdir: str) -> tuple[runner.RunConfig, dict]:
+                 workdir: str) -> tuple[pipeline.RunConfig, dict]:
   """(RunConfig, flag values dict) of one point; ValueError naming the point on a bad value."""
   overrides = {**spec.fixed, **point.values, "workdir": os.path.join(workdir, point.point_id)}
   try:
@@ -78,7 +79,7 @@ def point_config(flag_values: flags.FlagValues, config_from_flags: Callable[[], 
   return config, values
 
 
-def point_settings(config: runner.RunConfig) -> dict:
+def point_settings(config: pipeline.RunConfig) -> dict:
   """What decides a point's results: its RunConfig without output-only settings."""
   settings = dataclasses.asdict(config)
   for name in ("quiet", "checkpoint_every"):
@@ -115,7 +116,7 @@ def resolve_shard(shard_text: str | None, process_id: int | None,
   return 0, 1
 
 
-def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], runner.RunConfig],
+def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], pipeline.RunConfig],
               valid_flags: Collection[str]) -> list[dict]:
   """Validates every point, then runs this shard's unfinished points; returns the table rows."""
   spec = sweep.load_spec(flag_values.sweep)
@@ -138,7 +139,8 @@ def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], run
     config, values = configs[point.point_id]
     start = time.perf_counter()
     try:
-      runner.run(config, flag_values=values)
+      pipeline.run(config, flag_values=values,
+                   hidden_settings=cli.housekeeping_flags(flag_values))
     except (OSError, ValueError, KeyError) as e:
       raise ValueError(f"sweep point {point.point_id}: {e}") from None
     sweep.mark_finished(config.workdir, spec, point, point_settings(config))
@@ -149,7 +151,7 @@ def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], run
   return rows
 
 
-def main(flag_values: flags.FlagValues, config_from_flags: Callable[[], runner.RunConfig],
+def main(flag_values: flags.FlagValues, config_from_flags: Callable[[], pipeline.RunConfig],
          valid_flags: Collection[str]) -> None:
   """The `--sweep` branch of the entry point: bad input exits non-zero with one message."""
   try:

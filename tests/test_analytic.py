@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import vidleak_jax as vl
-from vidleak_jax import features_pipeline, pretrain, runner
+from vidleak_jax import pipeline, pretrain
 from vidleak_jax.attack import analytic as an
 from vidleak_jax.attack import features as fa
 from vidleak_jax.models import heads
@@ -189,13 +189,13 @@ def test_closed_form_features_keep_the_start_of_clips_no_unit_isolates():
 
 
 def test_the_subspace_attack_recovers_a_batch_through_the_pipeline(tmp_path):
-  cfg = runner.RunConfig(
+  cfg = pipeline.RunConfig(
       workdir=str(tmp_path / "run"), pipeline="features", clip_shape=(2, 16, 16, 3),
       batch_size=2, num_classes=4, known_labels=True, quiet=True,
-      features=features_pipeline.FeatureConfig(
+      features=pipeline.FeatureConfig(
           head="mlp1", head_kwargs={"hidden": 1024}, attack="subspace", pretrain_clips=4,
           pretrain=pretrain.PretrainConfig(steps=4, batch_size=2),
           inversion=fa.StageConfig(steps=2)))
-  result = runner.run(cfg)
+  result = pipeline.run(cfg)
   assert 0 < result["first_layer_sv_ratio"] <= 1
   assert max(result["pooled_feature_rel_error"]) < 1e-3, result["pooled_feature_rel_error"]

@@ -9,7 +9,7 @@ import pytest
 
 import vidleak_jax as vl
 from tests.conftest import tiny_batch, tiny_victim
-from vidleak_jax import features_pipeline, report, runner
+from vidleak_jax import pipeline, report
 from vidleak_jax.attack.labels import counts_from_bias_grad
 from vidleak_jax.data import sources
 
@@ -80,16 +80,16 @@ def test_reference_frames_recover_batch_labels_through_a_frozen_extractor(tmp_pa
   frames do not (experiments/label_probes.py measures more seeds)."""
   right = {"noise": [], "references": []}
   for seed in range(4):
-    cfg = runner.RunConfig(
+    cfg = pipeline.RunConfig(
         workdir=str(tmp_path / str(seed)), stages=("data",), seed=seed, pipeline="features",
         clip_shape=(4, 32, 32, 3), batch_size=4, num_classes=8, references=8,
-        features=features_pipeline.FeatureConfig(extractor="alexnet", head="mlp2"))
-    runner.stage_data(cfg)
+        features=pipeline.FeatureConfig(extractor="alexnet", head="mlp2"))
+    pipeline.frames.stage_data(cfg)
     batch = report.load_npz(str(tmp_path / str(seed) / "data.npz"))
     refs = report.load_npz(str(tmp_path / str(seed) / "references.npz"))["frames"]
-    apply_fn, params = runner.build_victim(cfg)
+    apply_fn, params = pipeline.build_victim(cfg)
     clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
-    target = runner.client_side(cfg, apply_fn, params, clips, labels)
+    target = pipeline.rundir.client_side(cfg, apply_fn, params, clips, labels)
     for name, given in (("noise", None), ("references", refs)):
       got = vl.attack.recover_labels(jax.random.key(seed), apply_fn, params, target, clips.shape,
                                      references=given)

@@ -19,7 +19,7 @@ TINY = ["--flagfile=experiments/flags/tiny.flags", "--quiet", "--stages=attack"]
 
 def _tiny_update():
   """(params, flat update) of the tiny preset's victim (c3d, 4×8×8, seed 0) on a synthetic clip."""
-  victim_key = jax.random.split(jax.random.key(0), 3)[1]  # the runner's victim key for seed 0
+  victim_key = jax.random.split(jax.random.key(0), 3)[1]  # the pipeline's victim key for seed 0
   module = vl.models.create("c3d", victim_key, frames=4, height=8, width=8, channels=3,
                             num_classes=4, features=12, activation="sigmoid")
   apply_fn, params = vl.models.pure(module)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vidleak_jax as vl
-from vidleak_jax import features_pipeline, metrics, pretrain, report, runner
+from vidleak_jax import metrics, pipeline, pretrain, report
 from vidleak_jax.attack import analytic as an
 from vidleak_jax.attack import features as fa
 from vidleak_jax.models import heads
@@ -154,12 +154,12 @@ def test_feature_pipeline_runs_end_to_end_from_the_entry_point(tmp_path):
   assert json.loads((workdir / "pretrain.json").read_text())["losses"].__len__() == 4
 
   # The analytic attack on a linear head recovers exactly the time-mean of the true features.
-  cfg = runner.RunConfig(
+  cfg = pipeline.RunConfig(
       workdir=str(workdir), pipeline="features", clip_shape=(2, 16, 16, 3),
-      features=features_pipeline.FeatureConfig(
+      features=pipeline.FeatureConfig(
           head="linear", attack="analytic", pretrain_clips=4,
           pretrain=pretrain.PretrainConfig(steps=4, batch_size=2)))
-  victim = features_pipeline.build_victim(cfg)
+  victim = pipeline.feature_victim.build_feature_victim(cfg)
   truth = victim.extract(jnp.asarray(report.load_npz(str(workdir / "data.npz"))["clips"]))
   recovered = report.load_npz(str(workdir / "reconstruction.npz"))["features"]
   np.testing.assert_allclose(recovered[0, 0], np.asarray(truth[0].mean(axis=0)), rtol=1e-3,
@@ -196,7 +196,7 @@ def test_feature_inversion_from_reference_frames_beats_gray():
   config = fa.StageConfig(optimizer="lbfgs", steps=10, tv_spatial=1e-2, tv_temporal=1e-2)
   scores = {}
   for name, references in (("gray", None), ("reference", batch.references)):
-    init = features_pipeline._init_clips(  # pylint: disable=protected-access
+    init = pipeline.features.init_clips(
         jax.random.key(0), references, batch.clips.shape)
     found = fa.invert_features(extract, target, init, config)
     scores[name] = float(metrics.psnr(found.value, batch.clips)[0])
@@ -205,17 +205,17 @@ def test_feature_inversion_from_reference_frames_beats_gray():
 
 @pytest.mark.slow
 def test_end_to_end_attack_optimises_pixels_through_extractor_and_head(tmp_path):
-  cfg = runner.RunConfig(
+  cfg = pipeline.RunConfig(
       workdir=str(tmp_path), pipeline="features", clip_shape=(2, 16, 16, 3), quiet=True,
       attack=vl.attack.AttackConfig(optimizer="lbfgs", metric="l2", schedule="constant",
                                     steps=10, log_every=5),
-      features=features_pipeline.FeatureConfig(
+      features=pipeline.FeatureConfig(
           head="mlp1", attack="end_to_end", pretrain_clips=4,
           pretrain=pretrain.PretrainConfig(steps=3, batch_size=2)))
-  result = runner.run(cfg)
+  result = pipeline.run(cfg)
   rec = report.load_npz(str(tmp_path / "reconstruction.npz"))
   assert rec["history_loss"].shape == (10, 1) and rec["loss"] < rec["history_loss"][0, 0]
-  victim = features_pipeline.build_victim(cfg)
+  victim = pipeline.feature_victim.build_feature_victim(cfg)
   np.testing.assert_allclose(rec["features"], np.asarray(victim.extract(rec["clips"])),
                              rtol=1e-4, atol=1e-5)
   truth = victim.extract(jnp.asarray(report.load_npz(str(tmp_path / "data.npz"))["clips"]))
@@ -225,12 +225,12 @@ def test_end_to_end_attack_optimises_pixels_through_extractor_and_head(tmp_path)
 
 
 def test_every_clip_of_the_batch_starts_from_its_own_point():
-  start = features_pipeline._init_clips(  # pylint: disable=protected-access
+  start = pipeline.features.init_clips(
       jax.random.key(0), None, (2, 4, 16, 16, 3))
   assert start.shape == (2, 4, 16, 16, 3) and abs(float(start.mean()) - 0.5) < 0.01
   assert np.abs(start[0] - start[1]).max() > 1e-3  # same-label clips can separate
   refs = np.random.default_rng(0).uniform(size=(3, 16, 16, 3)).astype(np.float32)
-  start = features_pipeline._init_clips(  # pylint: disable=protected-access
+  start = pipeline.features.init_clips(
       jax.random.key(0), refs, (2, 4, 16, 16, 3))
   assert np.abs(start - np.median(refs, axis=0)).max() < 0.1
   assert np.abs(start[0] - start[1]).max() > 1e-3
@@ -241,11 +241,11 @@ def test_the_attack_gets_the_references_whenever_it_uses_them(tmp_path):
   report.save_npz(tmp_path / "references.npz", frames=refs)
   for init, param, given in (("uniform", "direct", False), ("reference", "direct", True),
                              ("uniform", "background_residual", True)):
-    cfg = runner.RunConfig(
+    cfg = pipeline.RunConfig(
         workdir=str(tmp_path), pipeline="features", clip_shape=(2, 16, 16, 3),
         attack=vl.attack.AttackConfig(init=init, param=param),
-        features=features_pipeline.FeatureConfig(attack="end_to_end"))
-    got = features_pipeline._references(cfg)  # pylint: disable=protected-access
+        features=pipeline.FeatureConfig(attack="end_to_end"))
+    got = pipeline.rundir.attack_references(cfg)
     assert (got is not None) == given, (init, param)
     if given:
       np.testing.assert_array_equal(got, refs)

@@ -105,15 +105,15 @@ def test_reference_initialisation_from_the_attackers_frames(tmp_path):
 
 def test_every_stage_runs_at_the_requested_matmul_precision(tmp_path, monkeypatch):
   import jax  # pylint: disable=import-outside-toplevel
-  from vidleak_jax import runner  # pylint: disable=import-outside-toplevel
+  from vidleak_jax import pipeline  # pylint: disable=import-outside-toplevel
 
   seen = []
-  monkeypatch.setattr(runner, "stage_data",
+  monkeypatch.setattr(pipeline.frames, "stage_data",
                       lambda cfg: seen.append(jax.config.jax_default_matmul_precision))
   for precision in ("highest", "default"):
-    runner.run(runner.RunConfig(workdir=str(tmp_path / precision), stages=("data",),
-                                matmul_precision=precision))
+    pipeline.run(pipeline.RunConfig(workdir=str(tmp_path / precision), stages=("data",),
+                                    matmul_precision=precision))
   assert seen == ["highest", "default"]
   assert jax.config.jax_default_matmul_precision is None  # restored afterwards
   with pytest.raises(ValueError, match="--matmul_precision must be one of"):
-    runner.RunConfig(workdir=str(tmp_path), matmul_precision="tf32")
+    pipeline.RunConfig(workdir=str(tmp_path), matmul_precision="tf32")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vidleak_jax import attack, metrics, report, runner, sweep
+from vidleak_jax import attack, metrics, pipeline, report, sweep
 from vidleak_jax.report import html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -24,13 +24,13 @@ IMG = re.compile(r'<img class="([a-z]+)" src="data:(image/[a-z]+);base64,([A-Za-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  """A tiny evaluated run (report written by runner.run itself)."""
+  """A tiny evaluated run (report written by pipeline.run itself)."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  cfg = runner.RunConfig(
+  cfg = pipeline.RunConfig(
       workdir=workdir, clip_shape=(4, 8, 8, 3), quiet=True,
       attack=attack.AttackConfig(optimizer="adam", metric="l2", schedule="constant", steps=4,
                                  log_every=2, priors={}))
-  runner.run(cfg)
+  pipeline.run(cfg)
   return workdir
 
 
@@ -42,7 +42,7 @@ def _images(page: str) -> list[tuple[str, str, Image.Image]]:
 
 def test_run_report_embeds_clips_and_plots_and_loads_nothing_external(run_dir):
   page = open(os.path.join(run_dir, html.REPORT_FILE), encoding="utf-8").read()
-  assert page == html.run_report_html(run_dir)  # written by runner.run, deterministic
+  assert page == html.run_report_html(run_dir)  # written by pipeline.run, deterministic
   images = _images(page)
   assert page.count("<img") == len(images) == 4  # truth, reconstruction, curves, per-frame
   gifs = [im for _, mime, im in images if mime == "image/gif"]

@@ -21,7 +21,7 @@ from tensorboardX.proto import event_pb2
 
 import vidleak_jax as vl
 from tests.conftest import ROOT, tiny_batch, tiny_victim
-from vidleak_jax import logging_io
+from vidleak_jax import pipeline
 
 CONFIG = vl.attack.AttackConfig(restarts=2, steps=12, log_every=3)  # signed Adam, multistep lr
 
@@ -138,7 +138,7 @@ def test_a_stop_requested_after_the_last_dispatch_keeps_the_finished_attack(tmp_
 
 def test_jsonl_resumes_without_duplicate_or_lost_lines(tmp_path):
   def log_steps(start, steps, *, partial_line=False):
-    with logging_io.AttackLog(str(tmp_path), quiet=True) as log:
+    with pipeline.logs.AttackLog(str(tmp_path), quiet=True) as log:
       log(start, 4, {"loss": float("inf"), "resumed_from": start})
       for step in steps:
         log(step, 4, {"loss": 1.0 / step, "objective_mean": 2.0 / step, "grad_match": float("nan"),
@@ -218,8 +218,8 @@ def _assert_same_outputs(workdir, reference):
 
 def test_eta_leaves_out_the_compile_time(tmp_path, monkeypatch):
   clock = iter([100.0, 130.0])  # AttackLog's start, then the first dispatch's end
-  monkeypatch.setattr(logging_io.time, "perf_counter", lambda: next(clock))
-  with logging_io.AttackLog(str(tmp_path), quiet=True) as log:
+  monkeypatch.setattr(pipeline.logs.time, "perf_counter", lambda: next(clock))
+  with pipeline.logs.AttackLog(str(tmp_path), quiet=True) as log:
     log(0, 10, {"loss": 1.0, "resumed_from": 0})
     log(2, 10, {"loss": 1.0, "objective_mean": 1.0, "grad_match": 1.0, "resumed_from": 0,
                 "compile_s": 20.0})  # 30 s so far: 20 compiling, 10 for 2 steps

@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 
 import vidleak_jax as vl
-from vidleak_jax import metrics, report, runner, training
+from vidleak_jax import metrics, pipeline, report, training
 from vidleak_jax.data import synthetic
 from vidleak_jax.metrics_lpips import lpips
-from vidleak_jax.sr import apply, methods, models, stage, train
+from vidleak_jax.sr import apply, methods, models, train
 from tests.conftest import ROOT
 
 
@@ -128,11 +128,11 @@ def test_clip_scores_of_grayscale_clips_include_lpips_of_the_gray_rgb_frames():
   clips, _ = synthetic.synthetic_clips(jax.random.key(0), 2, frames=3, height=16, width=16)
   gray = np.asarray(clips).mean(axis=-1, keepdims=True)  # [2,3,16,16,1]
   noisy = np.clip(gray + 0.2 * np.asarray(jax.random.normal(jax.random.key(1), gray.shape)), 0, 1)
-  scores = stage.clip_scores(noisy, gray)
+  scores = pipeline.evaluate.clip_scores(noisy, gray)
   expected = lpips(np.repeat(noisy, 3, axis=-1), np.repeat(gray, 3, axis=-1))
   np.testing.assert_allclose(scores["lpips"], expected, rtol=1e-6)
   assert scores["lpips_mean"] > 1e-3
-  assert "lpips" not in stage.clip_scores(np.stack([noisy[..., 0]] * 2, -1),
+  assert "lpips" not in pipeline.evaluate.clip_scores(np.stack([noisy[..., 0]] * 2, -1),
                                              np.stack([gray[..., 0]] * 2, -1))
 
 
@@ -142,10 +142,10 @@ def test_bad_inputs_name_the_setting(tmp_path):
   with pytest.raises(ValueError, match="sr_scale must be one of"):
     methods.SRConfig(method="bicubic", scale=3)
   with pytest.raises(ValueError, match="sr_scale=4 must divide"):
-    stage.sr_input(np.zeros((1, 2, 18, 18, 3), np.float32), None, 4)
+    pipeline.sr.sr_input(np.zeros((1, 2, 18, 18, 3), np.float32), None, 4)
   with pytest.raises(ValueError, match="--sr=espcn networks are trained on RGB frames; clips "
                                        "have C=1"):
-    runner.RunConfig(workdir=str(tmp_path / "gray"), clip_shape=(4, 16, 16, 1),
+    pipeline.RunConfig(workdir=str(tmp_path / "gray"), clip_shape=(4, 16, 16, 1),
                      sr=methods.SRConfig(method="espcn"))
   setup = methods.SRSetup(methods.SRConfig(method="adapted"), 2, np.zeros((0, 8, 8, 3)))
   with pytest.raises(ValueError, match="--references=k"):
@@ -163,14 +163,14 @@ def test_bad_inputs_name_the_setting(tmp_path):
 def test_sr_stage_end_to_end(tmp_path):
   attack = vl.attack.AttackConfig(steps=4, log_every=2, attack_scale=2, init="reference",
                                   param="background_residual", residual_l1=1e-2)
-  cfg = runner.RunConfig(workdir=str(tmp_path), stages=("data", "attack"),
+  cfg = pipeline.RunConfig(workdir=str(tmp_path), stages=("data", "attack"),
                          clip_shape=(3, 16, 16, 3), references=2, victim="frame_cnn",
                          attack=attack, quiet=True)
-  runner.run(cfg)
+  pipeline.run(cfg)
   rec = report.load_npz(os.path.join(tmp_path, "reconstruction.npz"))
   assert rec["clips"].shape == (1, 3, 16, 16, 3) and rec["clips_lowres"].shape == (1, 3, 8, 8, 3)
   bicubic = dataclasses.replace(cfg, stages=("sr", "eval"), sr=methods.SRConfig(method="bicubic"))
-  result = runner.run(bicubic)
+  result = pipeline.run(bicubic)
   out = report.load_npz(os.path.join(tmp_path, "sr.npz"))["clips"]
   # Bicubic SR with the background detail transfer is the attack's own decoding.
   np.testing.assert_allclose(out, rec["clips"], atol=1e-5)
@@ -180,13 +180,13 @@ def test_sr_stage_end_to_end(tmp_path):
   assert result["lpips_mean"] == pytest.approx(sr["before"]["lpips_mean"])
   restoration = dataclasses.replace(bicubic, sr=methods.SRConfig(
       method="restoration", steps=3, finetune_steps=3, simulations=1, simulation_steps=2))
-  runner.run(restoration)
+  pipeline.run(restoration)
   with open(os.path.join(tmp_path, "metrics.json")) as f:
     saved = json.load(f)
   assert saved["sr_metrics"]["method"] == "restoration"
   assert np.isfinite(saved["sr_metrics"]["after"]["psnr_mean"])
   with pytest.raises(ValueError, match="--references=k"):
-    runner.run(dataclasses.replace(bicubic, workdir=str(tmp_path / "none"), references=0,
+    pipeline.run(dataclasses.replace(bicubic, workdir=str(tmp_path / "none"), references=0,
                                    stages=("data", "attack", "sr"),
                                    attack=vl.attack.AttackConfig(steps=2, log_every=2),
                                    sr=methods.SRConfig(method="adapted")))

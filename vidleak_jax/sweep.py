@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any, Sequence
 
-from vidleak_jax.report.atomic import to_jsonable, write_json, write_text
+from vidleak_jax.io import to_jsonable, write_json, write_text
 
 Value = str | int | float | bool | list
 POINT_FILE = "point.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging as std_logging
 import os
 from typing import Any, Callable, Iterator
 
@@ -20,8 +21,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 
-from vidleak_jax.logging_io import without_orbax_info
+
+class _WithoutOrbaxInfo(std_logging.Filter):
+  """Drops orbax's INFO chatter (several lines per checkpoint); its warnings still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno > std_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def without_orbax_info() -> Iterator[None]:
+  """While open, orbax's INFO log lines are dropped (its warnings still show)."""
+  logger, orbax_filter = logging.get_absl_logger(), _WithoutOrbaxInfo()
+  logger.addFilter(orbax_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(orbax_filter)
+
 
 LossFn = Callable[[Any, jax.Array], jax.Array]  # (params, step int32[]) -> loss []
 

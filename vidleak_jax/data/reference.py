@@ -17,7 +17,7 @@ import numpy as np
 from vidleak_jax.data.checks import check_int
 from vidleak_jax.data.clips import Size, prepare
 from vidleak_jax.data.video_io import read_frames_at, video_info
-from vidleak_jax.report.atomic import PathLike
+from vidleak_jax.io import PathLike
 from vidleak_jax.types import Array, PRNGKey
 
 

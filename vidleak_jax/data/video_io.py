@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vidleak_jax.data.checks import check_int
-from vidleak_jax.report.atomic import PathLike, _fsync_dir, write_bytes
+from vidleak_jax.io import PathLike, fsync_dir, write_bytes
 from vidleak_jax.report.frames import encode_gif, to_rgb, to_uint8
 
 SUPPORTED_EXTENSIONS = (".mp4", ".gif", ".mkv", ".avi")
@@ -249,4 +249,4 @@ def write_video(path: PathLike, frames: Any, *, fps: float = 8.0) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
-  _fsync_dir(parent)
+  fsync_dir(parent)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vidleak_jax.report.atomic import (
+from vidleak_jax.io import (
     load_npz,
     save_npz,
     to_jsonable,

@@ -8,7 +8,7 @@ from typing import Any
 import imageio.v3 as iio
 import numpy as np
 
-from vidleak_jax.report.atomic import PathLike, write_bytes
+from vidleak_jax.io import PathLike, write_bytes
 
 
 def to_uint8(x: Any) -> np.ndarray:

@@ -12,20 +12,17 @@ import html
 import json
 import os
 import urllib.parse
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
-from absl import flags
 
 from vidleak_jax import sweep
 from vidleak_jax.report import plots
-from vidleak_jax.report.atomic import load_npz, write_text
+from vidleak_jax.io import load_npz, write_text
 from vidleak_jax.report.frames import encode_gif, frame_grid
 
 REPORT_FILE = "report.html"
 CLIP_HEIGHT = 128  # on-screen pixels per clip in the GIFs (integer upscaling, nearest neighbour)
-# Flags of other modules (absl, chex, orbax, ...) say nothing about the experiment.
-_EXPERIMENT_MODULES = ("experiments.", "__main__")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1150px; color: #222;
@@ -164,17 +161,9 @@ def _sr_table(sr: dict[str, Any]) -> str:
   return f"<p>{_esc(settings)}</p>" + _table(["score", "before SR", "after SR"], rows)
 
 
-def _housekeeping_flags() -> set[str]:
-  """Names (and short names) of the library flags (absl, chex, orbax, ...) registered here."""
-  names = set()
-  for module, module_flags in flags.FLAGS.flags_by_module_dict().items():
-    if not module.startswith(_EXPERIMENT_MODULES):
-      names.update(n for f in module_flags for n in (f.name, f.short_name) if n)
-  return names
-
-
-def run_report_html(run_dir: str) -> str:
-  """The report of one run directory (after its eval stage) as an HTML string."""
+def run_report_html(run_dir: str, *, hidden: Collection[str] = ()) -> str:
+  """The report of one run directory (after its eval stage) as an HTML string; the settings named
+  in `hidden` (e.g. a CLI's housekeeping flags) are left out of its settings table."""
   metrics = _read_json(os.path.join(run_dir, "metrics.json"))
   config_path = os.path.join(run_dir, "config.json")
   config = _flatten(_read_json(config_path)) if os.path.exists(config_path) else {}
@@ -191,8 +180,7 @@ def run_report_html(run_dir: str) -> str:
     body += ["<h2>Per-frame quality</h2>",
              _img(plots.per_frame_png(metrics["psnr_per_frame"], metrics["ssim_per_frame"]),
                   "image/png", "per-frame PSNR and SSIM", css_class="plot")]
-  hidden = _housekeeping_flags()
-  settings = sorted((k, v) for k, v in config.items() if k not in hidden)
+  settings = sorted((k, v) for k, v in config.items() if k not in set(hidden))
   if settings:
     third = -(-len(settings) // 3)
     body += ["<h2>Settings</h2>", '<div class="row">',
@@ -240,10 +228,10 @@ def sweep_report_html(workdir: str) -> str:
   return _page(f"vidleak_jax sweep: {results.get('name') or os.path.basename(workdir)}", body)
 
 
-def write_run_report(run_dir: str) -> str:
-  """Writes `run_dir/report.html` atomically; returns its path."""
+def write_run_report(run_dir: str, *, hidden: Collection[str] = ()) -> str:
+  """Writes `run_dir/report.html` atomically (see `run_report_html`); returns its path."""
   path = os.path.join(run_dir, REPORT_FILE)
-  write_text(path, run_report_html(run_dir))
+  write_text(path, run_report_html(run_dir, hidden=hidden))
   return path
 
 
@@ -254,11 +242,12 @@ def write_sweep_report(workdir: str) -> str:
   return path
 
 
-def write_report(directory: str) -> str:
-  """Writes the report of a sweep (results.json) or a run (metrics.json) directory."""
+def write_report(directory: str, *, hidden: Collection[str] = ()) -> str:
+  """Writes the report of a sweep (results.json) or a run (metrics.json) directory; `hidden` as in
+  `run_report_html`."""
   if os.path.exists(os.path.join(directory, sweep.RESULTS_JSON)):
     return write_sweep_report(directory)
   if os.path.exists(os.path.join(directory, "metrics.json")):
-    return write_run_report(directory)
+    return write_run_report(directory, hidden=hidden)
   raise FileNotFoundError(f"{directory} holds neither a sweep ({sweep.RESULTS_JSON}) nor an "
                           f"evaluated run (metrics.json): run the 'eval' stage first")

@@ -1,4 +1,4 @@
-"""The pipeline's `sr` stage (reconstruction.npz -> sr.npz) and the SR metrics of `eval`.
+"""The pipeline's `sr` stage: reconstruction.npz -> sr.npz.
 
 sr.npz: clips [B,T,H,W,C] in [0, 1] at the victim's resolution (the SR output, clipped) and
 inputs [B,T,H/s,W/s,C], what SR started from: the attack's `clips_lowres` when the attack ran at
@@ -13,27 +13,24 @@ attack's own decoding background + bicubic(residual).
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from vidleak_jax import attack, metrics, report
+from vidleak_jax import attack
 from vidleak_jax.data.synthetic import synthetic_clips
-from vidleak_jax.metrics_lpips import lpips
+from vidleak_jax.pipeline import rundir
+from vidleak_jax.pipeline.config import RunConfig
+from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.sr import train
-from vidleak_jax.sr.methods import (SR_METHODS, Simulator, SRConfig, SRSetup,
-                                   with_background_detail)
-
-__all__ = ["SRConfig", "clip_scores", "perceptual_scores", "sr_metrics", "stage_sr"]
+from vidleak_jax.sr.methods import SR_METHODS, Simulator, SRSetup, with_background_detail
 
 _SR_STREAM = 0x5352  # the SR stage's random stream: fold_in(key(seed), _SR_STREAM)
 
 
-def sr_scale(cfg) -> int:
+def sr_scale(cfg: RunConfig) -> int:
   """--sr_scale, defaulting to the attack's --attack_scale."""
   return cfg.sr.scale if cfg.sr.scale is not None else cfg.attack.attack_scale
 
@@ -49,7 +46,7 @@ def sr_input(clips: np.ndarray, clips_lowres: np.ndarray | None, scale: int) -> 
   return train.degrade(jnp.asarray(clips), scale)
 
 
-def make_simulator(cfg, apply_fn, params, client_side: Callable, references: np.ndarray,
+def make_simulator(cfg: RunConfig, apply_fn, params, references: np.ndarray,
                    scale: int) -> Simulator:
   """Attacks on the attacker's own synthetic clips (over the references' median background when
   it has references) with the run's victim, update and attack settings at fewer steps."""
@@ -65,7 +62,7 @@ def make_simulator(cfg, apply_fn, params, client_side: Callable, references: np.
     clips, labels = synthetic_clips(data_key, cfg.batch_size, frames=t, height=h, width=w,
                                     channels=c, num_classes=cfg.num_classes,
                                     background=background)
-    update = client_side(cfg, apply_fn, params, clips, labels)
+    update = rundir.client_side(cfg, apply_fn, params, clips, labels)
     rec = attack.reconstruct(attack_key, apply_fn, params, update, clip_shape=shape,
                              labels=labels, config=config, mesh=None,
                              references=jnp.asarray(references))
@@ -74,23 +71,18 @@ def make_simulator(cfg, apply_fn, params, client_side: Callable, references: np.
   return simulate
 
 
-def stage_sr(cfg, *, build_victim: Callable, client_side: Callable) -> None:
+def stage_sr(cfg: RunConfig) -> None:
   """Super-resolves reconstruction.npz into sr.npz with `cfg.sr` (skipped for method "none")."""
   if cfg.sr.method == "none":
     logging.info("sr: skipped (--sr=none)")
     return
-  rec_path = os.path.join(cfg.workdir, "reconstruction.npz")
-  if not os.path.exists(rec_path):
-    raise FileNotFoundError(f"{rec_path} not found: run the 'attack' stage first (--stages)")
-  rec = report.load_npz(rec_path)
-  ref_path = os.path.join(cfg.workdir, "references.npz")
-  references = (report.load_npz(ref_path)["frames"] if os.path.exists(ref_path)
-                else np.zeros((0, *rec["clips"].shape[2:]), np.float32))
+  rec = rundir.require(cfg, "reconstruction.npz", "attack")
+  references = rundir.references(cfg)
   scale = sr_scale(cfg)
   low = sr_input(rec["clips"], rec.get("clips_lowres"), scale)
   simulate = None
   if cfg.sr.method == "restoration":
-    simulate = make_simulator(cfg, *build_victim(cfg), client_side, references, scale)
+    simulate = make_simulator(cfg, *build_victim(cfg), references, scale)
   key = jax.random.fold_in(jax.random.key(cfg.seed), _SR_STREAM)
   upscale = SR_METHODS.get(cfg.sr.method)(key, SRSetup(cfg.sr, scale, references, simulate))
   if cfg.attack.param == "background_residual" and len(references):
@@ -99,42 +91,5 @@ def stage_sr(cfg, *, build_victim: Callable, client_side: Callable) -> None:
   if out.shape != rec["clips"].shape:
     raise ValueError(f"--sr={cfg.sr.method} gave clips {out.shape}, expected "
                      f"{rec['clips'].shape}")
-  report.save_npz(os.path.join(cfg.workdir, "sr.npz"), clips=out, inputs=np.asarray(low))
+  rundir.save(cfg, "sr.npz", clips=out, inputs=np.asarray(low))
   logging.info("sr: %s ×%d of %s -> %s", cfg.sr.method, scale, low.shape, out.shape)
-
-
-def clip_scores(clips: Any, truth: Any) -> dict[str, Any]:
-  """PSNR, SSIM, LPIPS and temporal error per clip and their means: [B,T,H,W,C] x2 -> dict.
-
-  LPIPS needs RGB: grayscale (C=1) is repeated to three channels; other C have no LPIPS.
-  """
-  scores = {"psnr": metrics.psnr(clips, truth), "ssim": metrics.ssim(clips, truth),
-            "temporal_error": metrics.temporal_error(clips, truth)}
-  channels = np.shape(clips)[-1]
-  if channels in (1, 3):
-    rgb = lambda x: np.repeat(np.asarray(x), 3 // channels, axis=-1)
-    scores["lpips"] = lpips(rgb(clips), rgb(truth))
-  out: dict[str, Any] = {}
-  for name, values in scores.items():
-    values = np.asarray(values, np.float64)
-    out[name], out[f"{name}_mean"] = values.tolist(), float(values.mean())
-  return out
-
-
-def perceptual_scores(clips: Any, truth: Any) -> dict[str, Any]:
-  """LPIPS and temporal error of matched clips [B,T,H,W,C] (per clip and mean)."""
-  scores = clip_scores(clips, truth)
-  return {k: v for k, v in scores.items() if k.startswith(("lpips", "temporal_error"))}
-
-
-def sr_metrics(cfg, assignment: np.ndarray, truth: np.ndarray, reconstruction: np.ndarray
-               ) -> dict[str, Any]:
-  """Scores before (reconstruction.npz) and after SR (sr.npz) at the victim's resolution, with
-  the clips matched to ground truth by `assignment` [B]."""
-  sr_path = os.path.join(cfg.workdir, "sr.npz")
-  if not os.path.exists(sr_path):
-    raise FileNotFoundError(f"{sr_path} not found: run the 'sr' stage first (--stages)")
-  after = report.load_npz(sr_path)["clips"][assignment]
-  return {"method": cfg.sr.method, "scale": sr_scale(cfg),
-          "before": clip_scores(reconstruction[assignment], truth),
-          "after": clip_scores(after, truth)}

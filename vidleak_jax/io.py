@@ -42,10 +42,10 @@ def _atomic_open(path: PathLike) -> Iterator[BinaryIO]:
     with contextlib.suppress(OSError):
       os.unlink(tmp)
     raise
-  _fsync_dir(parent)
+  fsync_dir(parent)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str) -> None:
   """Best-effort fsync of a directory so the rename itself is durable (POSIX only)."""
   if not hasattr(os, "O_DIRECTORY"):
     return

@@ -13,38 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging as std_logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import tensorboardX
 from absl import logging
 from tqdm import tqdm
 
-from vidleak_jax import report
+from vidleak_jax import io as vio
+from vidleak_jax.training import without_orbax_info
 
 JSONL = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 SCALARS = {"objective": "loss", "objective_mean": "objective_mean", "grad_match": "grad_match"}
-
-
-class _WithoutOrbaxInfo(std_logging.Filter):
-  """Drops orbax's INFO chatter (several lines per checkpoint); its warnings still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno > std_logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
-@contextlib.contextmanager
-def without_orbax_info() -> Iterator[None]:
-  """While open, orbax's INFO log lines are dropped (its warnings still show)."""
-  logger, orbax_filter = logging.get_absl_logger(), _WithoutOrbaxInfo()
-  logger.addFilter(orbax_filter)
-  try:
-    yield
-  finally:
-    logger.removeFilter(orbax_filter)
 
 
 def read_jsonl(path: str, *, up_to_step: int | None = None) -> list[str]:
@@ -91,7 +73,7 @@ class AttackLog:
     if not self._write:
       return
     kept = read_jsonl(self._jsonl, up_to_step=start)
-    report.write_text(self._jsonl, "".join(kept))
+    vio.write_text(self._jsonl, "".join(kept))
     self._wall_offset = json.loads(kept[-1])["wall_s"] if kept else 0.0
     self._file = open(self._jsonl, "a", encoding="utf-8")
     self._tb = tensorboardX.SummaryWriter(self._tb_dir, purge_step=start + 1)
@@ -119,7 +101,7 @@ class AttackLog:
       self._tb.add_scalar(f"attack/{name}", value, global_step=step)
     self._tb.flush()  # like the JSONL line: on disk before the next checkpoint can cover it
     line.update(step=step, wall_s=round(wall, 3), eta_s=round(eta, 3))
-    self._file.write(json.dumps(report.to_jsonable(line), sort_keys=True, allow_nan=False) + "\n")
+    self._file.write(json.dumps(vio.to_jsonable(line), sort_keys=True, allow_nan=False) + "\n")
     self._file.flush()
 
   def close(self) -> None:

@@ -1,0 +1,19 @@
+"""The experiment pipeline: stages pretrain → data → attack → sr → eval reading and writing one run
+directory (see README's table of files).
+
+  config          RunConfig / FeatureConfig and the stage list, validated in one place
+  rundir          keyed streams, save / require, the references reader, the client side
+  victim          the run's victim as (apply_fn, params); feature_victim: extractor + head
+  frames          data and raw-frame attack stages; features: the feature pipeline's attack
+  sr, evaluate    the sr and eval stages
+  run             all selected stages in order (multi-process aware)
+  logs            attack progress: tqdm, metrics.jsonl, TensorBoard
+"""
+
+from vidleak_jax.pipeline.config import (FEATURE_ATTACKS, MATMUL_PRECISIONS, PIPELINES, STAGES,
+                                         FeatureConfig, RunConfig)
+from vidleak_jax.pipeline.run import init_distributed, run
+from vidleak_jax.pipeline.victim import build_victim
+
+__all__ = ["FEATURE_ATTACKS", "MATMUL_PRECISIONS", "PIPELINES", "STAGES", "FeatureConfig",
+           "RunConfig", "build_victim", "init_distributed", "run"]

@@ -1,0 +1,98 @@
+"""The run directory: keyed random streams, files saved by the writer process and required by later
+stages, the one reader of `references.npz`, and the honest client's side of the protocol.
+
+Under `jax.distributed` every process computes every value; process 0 (the writer) writes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from vidleak_jax import fl
+from vidleak_jax import io as vio
+from vidleak_jax.pipeline.config import RunConfig
+from vidleak_jax.tree_io import flatten_tree, unflatten_like
+from vidleak_jax.types import Grads
+
+
+def keys(seed: int) -> dict[str, jax.Array]:
+  """One seed, split once by purpose: "data", "victim", "attack"."""
+  data_key, victim_key, attack_key = jax.random.split(jax.random.key(seed), 3)
+  return {"data": data_key, "victim": victim_key, "attack": attack_key}
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files (process 0)."""
+  return jax.process_index() == 0
+
+
+def path(cfg: RunConfig, name: str) -> str:
+  return os.path.join(cfg.workdir, name)
+
+
+def save(cfg: RunConfig, name: str, **arrays) -> None:
+  """The writer process saves `name` (npz, atomically) in the workdir; the others do nothing."""
+  if is_writer():
+    vio.save_npz(path(cfg, name), **arrays)
+
+
+def require(cfg: RunConfig, name: str, stage: str) -> dict[str, np.ndarray]:
+  """The arrays of `name`; FileNotFoundError naming the `stage` that writes it if it is missing."""
+  file = path(cfg, name)
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"{file} not found: run the {stage!r} stage first (--stages)")
+  return vio.load_npz(file)
+
+
+def references(cfg: RunConfig) -> np.ndarray:
+  """All the attacker's reference frames [k,H,W,C] (k = 0 when the data stage wrote none)."""
+  file = path(cfg, "references.npz")
+  if not os.path.exists(file):
+    return np.zeros((0, *cfg.clip_shape[1:]), np.float32)
+  return vio.load_npz(file)["frames"]
+
+
+def attack_references(cfg: RunConfig) -> np.ndarray | None:
+  """The reference frames [k,H,W,C] when the attack uses them (init "reference" or param
+  "background_residual"), else None; ValueError if init "reference" finds none."""
+  if cfg.attack.init != "reference" and cfg.attack.param != "background_residual":
+    return None
+  frames = require(cfg, "references.npz", "data")["frames"]
+  if len(frames) == 0 and cfg.attack.init == "reference":
+    raise ValueError("--init=reference needs reference frames: rerun the 'data' stage with "
+                     "--references=k (k >= 1)")
+  return frames
+
+
+def client_batch(cfg: RunConfig) -> tuple[jax.Array, jax.Array]:
+  """The client's private clips [B,T,H,W,C] and labels [B] from data.npz, checked against cfg."""
+  batch = require(cfg, "data.npz", "data")
+  clips, labels = jax.numpy.asarray(batch["clips"]), jax.numpy.asarray(batch["labels"])
+  if clips.shape != (cfg.batch_size, *cfg.clip_shape):
+    raise ValueError(f"data.npz holds clips of shape {clips.shape}, but --clip_shape/"
+                     f"--batch_size ask for {(cfg.batch_size, *cfg.clip_shape)}: rerun the "
+                     f"'data' stage")
+  return clips, labels
+
+
+def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
+  """The honest client's shared update (FedSGD gradient or FedAvg parameter delta), like params."""
+  if cfg.update == "fedsgd":
+    return jax.jit(fl.client_update, static_argnums=0)(apply_fn, params, clips, labels)
+  return jax.jit(fl.fedavg_update, static_argnums=0, static_argnames=("local_steps",))(
+      apply_fn, params, clips, labels, local_steps=cfg.local_steps, learning_rate=cfg.local_lr)
+
+
+def shared_update(cfg: RunConfig, apply_fn, params, captured: Grads | None):
+  """(the update the attacker sees, like params; the true labels when the attacker is given
+  them, else None): the client's update on data.npz (saved as shared_update.npz), or `captured`."""
+  if captured is not None:
+    return unflatten_like(params, flatten_tree(captured), name="shared_update.npz"), None
+  clips, labels = client_batch(cfg)
+  shared = flatten_tree(client_side(cfg, apply_fn, params, clips, labels))
+  save(cfg, "shared_update.npz", **shared)
+  known = labels if cfg.known_labels else None
+  return unflatten_like(params, shared, name="shared_update.npz"), known
