@@ -1,4 +1,5 @@
-"""Flat `{"a/b/c": array}` views of params/grads pytrees, for npz files (never pickle)."""
+"""Params/grads pytrees by leaf path: flat `{"a/b/c": array}` views for npz files (never pickle),
+and the check that a set of gradients matches a model's parameters."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from vidleak_jax.attack.objectives import leaf_paths
+from vidleak_jax.types import Grads, Params
+
+
+def leaf_paths(tree: Any) -> list[str]:
+  """'/'-joined key paths of a params/grads pytree, in `jax.tree.leaves` order."""
+  return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def flatten_tree(tree: Any) -> dict[str, np.ndarray]:
@@ -31,3 +38,18 @@ def unflatten_like(template: Any, flat: Mapping[str, Any], *, name: str = "tree"
                        f"{np.asarray(ref).dtype}{list(np.shape(ref))}")
     leaves.append(value)
   return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+def validate_target_grads(params: Params, target_grads: Grads) -> None:
+  """Raises ValueError unless `target_grads` has params' structure, shapes, and finite values."""
+  p_paths, g_paths = leaf_paths(params), leaf_paths(target_grads)
+  if p_paths != g_paths:
+    missing = sorted(set(p_paths) - set(g_paths))[:5]
+    extra = sorted(set(g_paths) - set(p_paths))[:5]
+    raise ValueError(f"target_grads does not match the model's parameters: missing {missing}, "
+                     f"unexpected {extra}")
+  for path, p, g in zip(p_paths, jax.tree.leaves(params), jax.tree.leaves(target_grads)):
+    if np.shape(p) != np.shape(g):
+      raise ValueError(f"target_grads[{path!r}] has shape {np.shape(g)}, expected {np.shape(p)}")
+    if not np.all(np.isfinite(np.asarray(g))):
+      raise ValueError(f"target_grads[{path!r}] contains NaN or Inf values")

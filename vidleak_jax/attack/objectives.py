@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from vidleak_jax.fl.updates import client_update
 from vidleak_jax.registry import Registry
+from vidleak_jax.tree_io import leaf_paths  # re-exported: other attack modules import it from here
 from vidleak_jax.types import ApplyFn, Clip, Grads, Labels, Params
 
 # A distance takes per-layer lists (candidate grads, target grads, weights) and returns a scalar.
@@ -36,12 +37,6 @@ def l2_distance(grads, targets, weights) -> jax.Array:
 def l1_distance(grads, targets, weights) -> jax.Array:
   """Weighted sum of absolute differences."""
   return sum(w * jnp.sum(jnp.abs(g - t)) for g, t, w in zip(grads, targets, weights))
-
-
-def leaf_paths(tree) -> list[str]:
-  """'/'-joined key paths of a params/grads pytree, in `jax.tree.leaves` order."""
-  return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def resolve_layer_weights(tree, layer_weights: Mapping[str, float] | None) -> list[float]:

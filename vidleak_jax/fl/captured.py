@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-from vidleak_jax.attack.reconstruct import validate_target_grads
 from vidleak_jax.io import load_npz
-from vidleak_jax.tree_io import unflatten_like
+from vidleak_jax.tree_io import unflatten_like, validate_target_grads
 from vidleak_jax.types import Grads, Params
 
 FORMATS = (".npz", ".safetensors")
