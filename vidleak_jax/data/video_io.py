@@ -7,11 +7,15 @@ them. Frames keep their stored orientation (rotation metadata is ignored) and pi
 (non-square sample aspect ratios are not corrected); alpha is dropped; output is always RGB.
 Decoding is strict: any error ffmpeg reports (corrupt packet, truncated data) raises
 `VideoDecodeError` instead of returning concealed or missing frames.
+
+Also the frame encoders shared with `vidleak_jax.report`: `to_uint8` (float [0, 1] -> uint8),
+`to_rgb` (1 -> 3 channels) and `encode_gif` (uint8 frames -> GIF bytes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 import secrets
@@ -19,11 +23,11 @@ import subprocess
 import tempfile
 from typing import Any, Sequence
 
+import imageio.v3 as iio
 import numpy as np
 
 from vidleak_jax.data.checks import check_int
 from vidleak_jax.io import PathLike, fsync_dir, write_bytes
-from vidleak_jax.report.frames import encode_gif, to_rgb, to_uint8
 
 SUPPORTED_EXTENSIONS = (".mp4", ".gif", ".mkv", ".avi")
 _LOSSLESS_MUXERS = {".mkv": "matroska", ".avi": "avi"}
@@ -183,6 +187,41 @@ def read_frames_at(path: PathLike, indices: Sequence[int] | np.ndarray) -> np.nd
     raise VideoDecodeError(f"video {path!r} has {_count_frames(path)} frames; "
                            f"frame {int(wanted[-1])} requested")
   return frames[np.searchsorted(wanted, idx)]
+
+
+def to_uint8(x: Any) -> np.ndarray:
+  """float[...] in [0, 1] -> uint8[...] (clipped, rounded, NaN -> 0); shape and C unchanged."""
+  x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def to_rgb(x: np.ndarray) -> np.ndarray:
+  """uint8[..., C] with C in {1, 3} -> uint8[..., 3] (a single channel is repeated)."""
+  if x.shape[-1] == 3:
+    return x
+  if x.shape[-1] == 1:
+    return np.repeat(x, 3, axis=-1)
+  raise ValueError(f"expected 1 or 3 channels, got shape {x.shape}")
+
+
+def encode_gif(frames: np.ndarray, *, fps: float = 4.0) -> bytes:
+  """uint8[T, H, W, 3] -> bytes of a GIF looping forever at `fps` frames per second.
+
+  GIF stores delays in 10 ms units and uses a 256-colour palette per frame, so timing is
+  rounded and many-colour frames are quantised; Pillow merges identical consecutive frames
+  into one frame with the summed delay.
+  """
+  frames = np.asarray(frames)
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"expected uint8[T, H, W, 3], got {frames.dtype}{list(frames.shape)}")
+  if fps <= 0:
+    raise ValueError(f"fps must be positive, got {fps}")
+  buf = io.BytesIO()
+  iio.imwrite(
+      buf, frames, extension=".gif", plugin="pillow", is_batch=True,
+      duration=int(round(1000.0 / fps)), loop=0,  # Pillow: duration in ms; loop=0 -> forever.
+  )
+  return buf.getvalue()
 
 
 def _as_uint8_rgb(frames: Any) -> np.ndarray:

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import imageio.v3 as iio
 import numpy as np
 
+from vidleak_jax.data.video_io import encode_gif, to_rgb, to_uint8  # defined with the video writers
 from vidleak_jax.io import PathLike, write_bytes
-
-
-def to_uint8(x: Any) -> np.ndarray:
-  """float[...] in [0, 1] -> uint8[...] (clipped, rounded, NaN -> 0); shape and C unchanged."""
-  x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
-  return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def to_rgb(x: np.ndarray) -> np.ndarray:
-  """uint8[..., C] with C in {1, 3} -> uint8[..., 3] (a single channel is repeated)."""
-  if x.shape[-1] == 3:
-    return x
-  if x.shape[-1] == 1:
-    return np.repeat(x, 3, axis=-1)
-  raise ValueError(f"expected 1 or 3 channels, got shape {x.shape}")
 
 
 def upscale(x: np.ndarray, scale: int) -> np.ndarray:
@@ -99,26 +84,6 @@ def comparison_frames(
       frame_grid(pairs[:, t], pad=pad, scale=scale, pad_value=pad_value)
       for t in range(truth.shape[1])
   ])
-
-
-def encode_gif(frames: np.ndarray, *, fps: float = 4.0) -> bytes:
-  """uint8[T, H, W, 3] -> bytes of a GIF looping forever at `fps` frames per second.
-
-  GIF stores delays in 10 ms units and uses a 256-colour palette per frame, so timing is
-  rounded and many-colour frames are quantised; Pillow merges identical consecutive frames
-  into one frame with the summed delay.
-  """
-  frames = np.asarray(frames)
-  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f"expected uint8[T, H, W, 3], got {frames.dtype}{list(frames.shape)}")
-  if fps <= 0:
-    raise ValueError(f"fps must be positive, got {fps}")
-  buf = io.BytesIO()
-  iio.imwrite(
-      buf, frames, extension=".gif", plugin="pillow", is_batch=True,
-      duration=int(round(1000.0 / fps)), loop=0,  # Pillow: duration in ms; loop=0 -> forever.
-  )
-  return buf.getvalue()
 
 
 def comparison_gif(
