@@ -18,7 +18,7 @@ SSIM_MAX_FILTER = 11
 SSIM_FILTER_SIGMA = 1.5
 
 
-def _check_clips(x: Any, y: Any, x_name: str = "x", y_name: str = "y") -> tuple[Array, Array]:
+def check_clip_pair(x: Any, y: Any, x_name: str = "x", y_name: str = "y") -> tuple[Array, Array]:
   """Returns (x, y) as float arrays after checking both are 5-D [B, T, H, W, C] with equal shapes."""
   x, y = jnp.asarray(x), jnp.asarray(y)
   for name, a in ((x_name, x), (y_name, y)):
@@ -35,7 +35,7 @@ def _check_clips(x: Any, y: Any, x_name: str = "x", y_name: str = "y") -> tuple[
   return x, y
 
 
-def _fold(a: Array) -> Array:
+def fold_frames(a: Array) -> Array:
   """[B, T, H, W, C] -> [B*T, H, W, C]."""
   return a.reshape((-1,) + a.shape[2:])
 
@@ -48,9 +48,9 @@ def ssim_filter_size(h: int, w: int) -> int:
 
 def mse_per_frame(x: Array, y: Array) -> Array:
   """Mean squared error per frame: [B, T, H, W, C] x2 -> [B, T]."""
-  x, y = _check_clips(x, y)
+  x, y = check_clip_pair(x, y)
   b, t = x.shape[:2]
-  return dm_pix.mse(_fold(x), _fold(y)).reshape(b, t)
+  return dm_pix.mse(fold_frames(x), fold_frames(y)).reshape(b, t)
 
 
 def psnr_per_frame(x: Array, y: Array, *, data_range: float = 1.0) -> Array:
@@ -61,10 +61,10 @@ def psnr_per_frame(x: Array, y: Array, *, data_range: float = 1.0) -> Array:
   MSE_FLOOR = 1e-10, so identical frames give a finite 100 dB rather than inf;
   for any normalised MSE >= 1e-10 the value equals dm_pix.psnr on x / data_range.
   """
-  x, y = _check_clips(x, y)
+  x, y = check_clip_pair(x, y)
   b, t = x.shape[:2]
   scale = 1.0 / data_range
-  err = dm_pix.mse(_fold(x) * scale, _fold(y) * scale)
+  err = dm_pix.mse(fold_frames(x) * scale, fold_frames(y) * scale)
   err = jnp.maximum(err, MSE_FLOOR)
   return (-10.0 * jnp.log10(err)).reshape(b, t)
 
@@ -82,11 +82,11 @@ def ssim_per_frame(x: Array, y: Array, *, data_range: float = 1.0) -> Array:
   frames of at least 11x11 this is exactly dm_pix.ssim's default. Colour
   channels are averaged, as in dm_pix.
   """
-  x, y = _check_clips(x, y)
+  x, y = check_clip_pair(x, y)
   b, t, h, w = x.shape[:4]
   with jax.numpy_dtype_promotion("standard"):  # dm_pix mixes int32 and float scalars
     vals = dm_pix.ssim(
-        _fold(x), _fold(y), max_val=data_range,
+        fold_frames(x), fold_frames(y), max_val=data_range,
         filter_size=ssim_filter_size(h, w), filter_sigma=SSIM_FILTER_SIGMA)
   return vals.reshape(b, t)
 
@@ -98,7 +98,7 @@ def ssim(x: Array, y: Array, *, data_range: float = 1.0) -> Array:
 
 def mse(x: Array, y: Array) -> Array:
   """Per-clip mean squared error over T, H, W, C: [B, T, H, W, C] x2 -> [B]."""
-  x, y = _check_clips(x, y)
+  x, y = check_clip_pair(x, y)
   return jnp.mean(jnp.square(x - y), axis=(1, 2, 3, 4))
 
 
@@ -119,7 +119,7 @@ def psnr_matrix(rec: Array, true: Array) -> np.ndarray:
   Entry [i, j] is psnr(rec[j], true[i]). Built one ground-truth clip at a time,
   so peak memory is O(B) clips rather than O(B^2).
   """
-  rec, true = _check_clips(rec, true, "rec", "true")
+  rec, true = check_clip_pair(rec, true, "rec", "true")
   rows = [np.asarray(psnr(rec, jnp.broadcast_to(true[i], rec.shape))) for i in range(true.shape[0])]
   return np.stack(rows).astype(np.float64)
 
@@ -165,7 +165,7 @@ def evaluate(
   label_accuracy is None unless both label arrays ([B]) are
   given. Host function, not jittable.
   """
-  rec_clips, true_clips = _check_clips(rec_clips, true_clips, "rec_clips", "true_clips")
+  rec_clips, true_clips = check_clip_pair(rec_clips, true_clips, "rec_clips", "true_clips")
   b = rec_clips.shape[0]
   if (rec_labels is None) != (true_labels is None):
     raise ValueError("rec_labels and true_labels must be given together or both be None")
@@ -210,7 +210,7 @@ def temporal_error(x: Array, y: Array) -> Array:
 
   0 for single-frame clips; measures flicker that per-frame metrics cannot see.
   """
-  x, y = _check_clips(x, y)
+  x, y = check_clip_pair(x, y)
   if x.shape[1] < 2:
     return jnp.zeros(x.shape[:1], x.dtype)
   return jnp.mean(jnp.abs(jnp.diff(x, axis=1) - jnp.diff(y, axis=1)), axis=(1, 2, 3, 4))

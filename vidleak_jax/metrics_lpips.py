@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from vidleak_jax.metrics import _check_clips, _fold
+from vidleak_jax.metrics import check_clip_pair, fold_frames
 
 LPIPS_MIN_SIZE = 32
 LPIPS_NETS = ("alexnet", "vgg16")
@@ -31,11 +31,11 @@ def _evaluator(net: str):
 
 def lpips_per_frame(x: jax.Array, y: jax.Array, *, net: str = "alexnet") -> jax.Array:
   """LPIPS distance per frame (0 = identical): [B, T, H, W, C] x2 in [0, 1] -> [B, T]."""
-  x, y = _check_clips(x, y)
+  x, y = check_clip_pair(x, y)
   b, t, h, w, c = x.shape
   if c != 3:
     raise ValueError(f"LPIPS needs RGB frames (C=3), got C={c}")
-  frames_x, frames_y = _fold(x), _fold(y)
+  frames_x, frames_y = fold_frames(x), fold_frames(y)
   factor = math.ceil(LPIPS_MIN_SIZE / min(h, w))
   if factor > 1:
     size = (b * t, h * factor, w * factor, c)
