@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 import vidleak_jax as vl
 from tests.test_main import _main
+from vidleak_jax import report
 from vidleak_jax.fl.captured import load_update
 from vidleak_jax.tree_io import flatten_tree
 
@@ -42,7 +43,7 @@ def test_attack_stage_inverts_a_captured_update(tmp_path):
   np.savez(tmp_path / "g.npz", **flat)
   proc = _main(*TINY, f"--workdir={tmp_path / 'run'}", f"--gradients={tmp_path / 'g.npz'}")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rec = vl.report.load_npz(tmp_path / "run" / "reconstruction.npz")
+  rec = report.load_npz(tmp_path / "run" / "reconstruction.npz")
   assert rec["clips"].shape == (1, 4, 8, 8, 3) and rec["labels"].shape == (1,)
   assert not (tmp_path / "run" / "shared_update.npz").exists()
 
