@@ -169,8 +169,8 @@ def test_feature_pipeline_runs_end_to_end_from_the_entry_point(tmp_path):
 
 
 @pytest.mark.parametrize("bad, expected", [
-    (["--head=gru", "--feature_attack=analytic"], "--feature_attack=analytic"),
-    (["--head=transformer", "--feature_attack=subspace"], "--feature_attack=subspace"),
+    (["--head=gru", "--feature_attack=analytic"], "--feature_attack 'analytic' needs a head"),
+    (["--head=transformer", "--feature_attack=subspace"], "--feature_attack 'subspace' needs"),
     (["--extractor=resnet50"], "--extractor"),
     (["--head_pooling=flatten", "--head=gru"], "--head_pooling"),
     (["--extractor_weights=w.safetensors"], "--extractor_weights"),

@@ -115,5 +115,5 @@ def test_every_stage_runs_at_the_requested_matmul_precision(tmp_path, monkeypatc
                                     matmul_precision=precision))
   assert seen == ["highest", "default"]
   assert jax.config.jax_default_matmul_precision is None  # restored afterwards
-  with pytest.raises(ValueError, match="--matmul_precision must be one of"):
+  with pytest.raises(ValueError, match="unknown matmul_precision .tf32.; valid: default"):
     pipeline.RunConfig(workdir=str(tmp_path), matmul_precision="tf32")

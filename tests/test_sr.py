@@ -137,25 +137,25 @@ def test_clip_scores_of_grayscale_clips_include_lpips_of_the_gray_rgb_frames():
 
 
 def test_bad_inputs_name_the_setting(tmp_path):
-  with pytest.raises(KeyError, match="unknown SR method 'srgan'; valid: adapted, bicubic"):
+  with pytest.raises(KeyError, match="unknown method 'srgan'; valid: none, adapted, bicubic"):
     methods.SRConfig(method="srgan")
-  with pytest.raises(ValueError, match="sr_scale must be one of"):
+  with pytest.raises(ValueError, match="unknown scale 3; valid: 1, 2, 4"):
     methods.SRConfig(method="bicubic", scale=3)
   with pytest.raises(ValueError, match="sr_scale=4 must divide"):
     pipeline.sr.sr_input(np.zeros((1, 2, 18, 18, 3), np.float32), None, 4)
-  with pytest.raises(ValueError, match="--sr=espcn networks are trained on RGB frames; clips "
+  with pytest.raises(ValueError, match="'espcn': its networks are trained on RGB frames; clips "
                                        "have C=1"):
     pipeline.RunConfig(workdir=str(tmp_path / "gray"), clip_shape=(4, 16, 16, 1),
                      sr=methods.SRConfig(method="espcn"))
   setup = methods.SRSetup(methods.SRConfig(method="adapted"), 2, np.zeros((0, 8, 8, 3)))
-  with pytest.raises(ValueError, match="--references=k"):
+  with pytest.raises(ValueError, match="method='adapted' needs the attacker's reference frames"):
     methods.SR_METHODS.get("adapted")(jax.random.key(0), setup)
   checkpoint = str(tmp_path / "ckpt")
   train.train_generic(jax.random.key(0), "espcn", scale=2, size=16, frames=1, steps=2,
                       checkpoint_dir=checkpoint)
   setup = methods.SRSetup(methods.SRConfig(method="edsr", checkpoint=checkpoint), 2,
                           np.zeros((0, 8, 8, 3)))
-  with pytest.raises(ValueError, match="--sr_checkpoint=.* holds another model .*'espcn'"):
+  with pytest.raises(ValueError, match="checkpoint=.* holds another model .*'espcn'"):
     methods.SR_METHODS.get("edsr")(jax.random.key(0), setup)
 
 
@@ -185,7 +185,7 @@ def test_sr_stage_end_to_end(tmp_path):
     saved = json.load(f)
   assert saved["sr_metrics"]["method"] == "restoration"
   assert np.isfinite(saved["sr_metrics"]["after"]["psnr_mean"])
-  with pytest.raises(ValueError, match="--references=k"):
+  with pytest.raises(ValueError, match="method='adapted' needs the attacker's reference frames"):
     pipeline.run(dataclasses.replace(bicubic, workdir=str(tmp_path / "none"), references=0,
                                    stages=("data", "attack", "sr"),
                                    attack=vl.attack.AttackConfig(steps=2, log_every=2),
@@ -194,7 +194,7 @@ def test_sr_stage_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("bad, expected", [
-    ("--sr=srgan", "--sr"), ("--sr=bicubic --sr_scale=3", "sr_scale must be one of"),
+    ("--sr=srgan", "--sr"), ("--sr=bicubic --sr_scale=3", "--sr_scale: unknown scale 3"),
     ("--attack_scale=3", "--attack_scale"), ("--param=background", "--param"),
 ])
 def test_bad_sr_flags_exit_nonzero_with_one_clear_message(tmp_path, bad, expected):
@@ -212,7 +212,7 @@ def test_bad_sr_flags_exit_nonzero_with_one_clear_message(tmp_path, bad, expecte
     ("--sr_methods=none,bogus", "--sr_methods: unknown ['bogus']"),
     ("--reference_counts=0,-1", "--reference_counts must be integers >= 0"),
     ("--shape=4,32,32", "--shape expects T,H,W,C"),
-    ("--scale=3", "attack_scale must be one of"),
+    ("--scale=3", "unknown attack_scale 3"),
 ])
 def test_scenario_flags_are_checked_before_anything_runs(tmp_path, bad, expected):
   out = tmp_path / "scenarios"

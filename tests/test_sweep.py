@@ -14,6 +14,7 @@ import time
 import pytest
 from absl import flags
 
+from experiments import config_flags
 from experiments import sweep as sweep_cli
 from vidleak_jax import sweep
 from tests.conftest import ROOT
@@ -120,9 +121,9 @@ def entry_point():
 
 @pytest.mark.parametrize("grid, message", [
     ({"victim": ["c3d", "c4d"]}, "point victim=c4d: flag --victim=c4d"),
-    ({"steps": [4, -1]}, "--steps=-1"),
+    ({"steps": [4, -1]}, "--steps must be >= 1, got -1"),
     ({"workdir": ["a", "b"]}, "--workdir cannot be swept"),
-    ({"pooling": ["mean"]}, "--pooling applies to --victim=frame_cnn"),
+    ({"pooling": ["mean"]}, "--pooling applies to victim='frame_cnn'"),
     ({"stages": [["data", "attack"]]}, "'eval' stage"),
 ])
 def test_bad_sweep_values_are_named_before_anything_runs(tmp_path, entry_point, grid,
@@ -133,7 +134,7 @@ def test_bad_sweep_values_are_named_before_anything_runs(tmp_path, entry_point, 
   fv(["prog", "--flagfile=experiments/flags/tiny.flags", f"--sweep={sweep_file}",
       f"--workdir={tmp_path / 'out'}"])
   with pytest.raises(ValueError) as error:
-    sweep_cli.run_sweep(fv, entry_point.config_from_flags,
+    sweep_cli.run_sweep(fv, config_flags.config_from_flags,
                         sweep_cli.entry_point_flags(fv, entry_point.__name__))
   assert message in str(error.value)
   assert not (tmp_path / "out").exists()

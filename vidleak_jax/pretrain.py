@@ -20,6 +20,7 @@ from flax import nnx
 
 from vidleak_jax import training
 from vidleak_jax.fl.updates import cross_entropy
+from vidleak_jax.settings import check, setting
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,17 +28,15 @@ class PretrainConfig:
   """steps of Adam (lr) on minibatches of `batch_size` clips; a checkpoint every
   `checkpoint_every` steps and at the end."""
 
-  steps: int = 300
-  batch_size: int = 8
-  lr: float = 3e-3
-  checkpoint_every: int = 50
+  steps: int = setting(300, help="Pre-training steps.")
+  batch_size: int = setting(8, help="Pre-training minibatch.")
+  lr: float = setting(3e-3, help="Pre-training Adam learning rate.")
+  checkpoint_every: int = setting(50, help="Pre-training steps between checkpoints.")
 
   def __post_init__(self):
     for field in ("steps", "batch_size", "checkpoint_every"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"pretrain {field} must be >= 1, got {getattr(self, field)}")
-    if not self.lr > 0:
-      raise ValueError(f"pretrain lr must be > 0, got {self.lr}")
+      check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+    check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
 
 
 class _Probe(nnx.Module):

@@ -12,6 +12,7 @@ from vidleak_jax.attack.objectives import DISTANCES
 from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
 from vidleak_jax.attack.parametrize import ATTACK_SCALES, PARAMETRIZATIONS
 from vidleak_jax.attack.priors import PRIORS
+from vidleak_jax.settings import check, check_choice, setting, validate_fields
 
 BATCHING = ("auto", "vmap", "map")
 CONVS = ("auto", "xla", "im2col")
@@ -40,51 +41,50 @@ class AttackConfig:
   attack_scale: candidates live at (H/s, W/s) and are upsampled bicubically to the victim's size.
   """
 
-  metric: str = "cosine"
-  optimizer: str = "signed_adam"
-  lr: float = 0.1
-  schedule: str = "multistep"
-  steps: int = 200
-  restarts: int = 1
-  priors: Mapping[str, float] = dataclasses.field(
+  metric: str = setting("cosine", help="Gradient-matching metric.", choices=DISTANCES.names)
+  optimizer: str = setting("signed_adam", help="Attack optimizer.", choices=OPTIMIZERS.names)
+  lr: float = setting(0.1, help="Attack learning rate.")
+  schedule: str = setting("multistep", help="Learning-rate schedule.", choices=SCHEDULES.names)
+  steps: int = setting(200, help="Attack steps.")
+  restarts: int = setting(1, help="Restarts R, optimised as one batch.")
+  priors: Mapping[str, float] = setting(
+      help="Prior name -> weight (flags --tv_spatial, --tv_temporal).",
       default_factory=lambda: {"tv_spatial": 1e-2, "tv_temporal": 1e-2})
-  layer_weights: Mapping[str, float] | None = None
-  box: bool = True
-  init: str = "uniform"
-  batching: str = "auto"
-  map_batch_size: int = 0
-  conv: str = "auto"
-  log_every: int = 25
-  param: str = "direct"
-  residual_l1: float = 0.0
-  residual_l2: float = 0.0
-  residual_tv: float = 0.0
-  attack_scale: int = 1
+  layer_weights: Mapping[str, float] | None = setting(
+      None, help="Parameter-path prefix -> weight in the objective (library only).")
+  box: bool = setting(True, help="Project candidates to [0, 1] after every step.")
+  init: str = setting("uniform", help="Candidate initialisation (reference: median of the "
+                      "--references frames).", choices=INITS)
+  batching: str = setting("auto", help="How restarts are batched in the jitted step (auto: map "
+                          "on CPU, vmap on GPU/TPU).", choices=BATCHING)
+  map_batch_size: int = setting(0, help="With --batching=map: restarts vmapped together per "
+                                "lax.map step (0: auto, pairs for clips of <= 65,536 values, else "
+                                "one at a time).")
+  conv: str = setting("auto", help="Victim convolution kernels while attacking (auto: im2col).",
+                      choices=CONVS)
+  log_every: int = setting(25, help="Steps per dispatch / log line.")
+  param: str = setting("direct", help="What the attack optimises: the clip (direct) or a "
+                       "residual on the median of the --references frames (background_residual; "
+                       "0 references = direct).", choices=PARAMETRIZATIONS.names)
+  residual_l1: float = setting(0.0, help="Weight of mean |residual| (background_residual).")
+  residual_l2: float = setting(0.0, help="Weight of mean residual^2 (background_residual).")
+  residual_tv: float = setting(0.0, help="Weight of the residual's spatial TV "
+                               "(background_residual).")
+  attack_scale: int = setting(1, help="Candidates live at H/s x W/s and are upsampled "
+                              "bicubically to the victim's size.", choices=ATTACK_SCALES)
 
   def __post_init__(self):
-    DISTANCES.get(self.metric)
-    OPTIMIZERS.get(self.optimizer)
-    SCHEDULES.get(self.schedule)
+    validate_fields(self)
     for name, weight in self.priors.items():
-      PRIORS.get(name)
-      if weight < 0:
-        raise ValueError(f"prior weight for {name!r} must be >= 0, got {weight}")
-    for field, valid in (("batching", BATCHING), ("conv", CONVS), ("init", INITS)):
-      if getattr(self, field) not in valid:
-        raise KeyError(f"unknown {field} {getattr(self, field)!r}; valid: {', '.join(valid)}")
-    PARAMETRIZATIONS.get(self.param)
+      check_choice("priors", name, PRIORS.names())
+      check(weight >= 0, "priors", f"weight for {name!r} must be >= 0, got {weight}")
     for field in ("residual_l1", "residual_l2", "residual_tv"):
-      if not getattr(self, field) >= 0:
-        raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
-    if self.attack_scale not in ATTACK_SCALES:
-      raise ValueError(f"attack_scale must be one of {ATTACK_SCALES}, got {self.attack_scale!r}")
-    if self.map_batch_size < 0:
-      raise ValueError(f"map_batch_size must be >= 0 (0 = auto), got {self.map_batch_size}")
+      check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
+    check(self.map_batch_size >= 0, "map_batch_size",
+          f"must be >= 0 (0 = auto), got {self.map_batch_size}")
     for field in ("steps", "restarts", "log_every"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
-    if not self.lr > 0:  # also rejects NaN
-      raise ValueError(f"lr must be > 0, got {self.lr}")
+      check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+    check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")  # also rejects NaN
 
 
 def resolve_batching(batching: str) -> str:

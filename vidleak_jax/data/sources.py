@@ -1,4 +1,4 @@
-"""The client's private batch (and the attacker's reference frames) from a `--data` spec.
+"""The client's private batch (and the attacker's reference frames) from a `data` spec.
 
 Specs:  synthetic | video:PATH | shipped:NAME | folder:DIR | tfds:BUILDER:MANUAL_DIR
   synthetic        moving objects over one static synthetic camera background
@@ -47,12 +47,12 @@ class ClientBatch:
 
 
 def parse_data_spec(spec: str) -> tuple[str, list[str]]:
-  """'kind:arg[:arg]' -> (kind, args); ValueError naming --data and the valid forms."""
+  """'kind:arg[:arg]' -> (kind, args); ValueError naming the spec and the valid forms."""
   kind, _, rest = spec.partition(":")
   nargs = {"synthetic": 0, "video": 1, "shipped": 1, "folder": 1, "tfds": 2}
   args = rest.split(":", 1) if rest else []
   if kind not in nargs or len(args) != nargs[kind] or not all(args):
-    raise ValueError(f"--data={spec!r} is not one of: synthetic, video:PATH, shipped:NAME, "
+    raise ValueError(f"data={spec!r} is not one of: synthetic, video:PATH, shipped:NAME, "
                      f"folder:DIR, tfds:BUILDER:MANUAL_DIR")
   return kind, args
 
@@ -66,7 +66,7 @@ def _fit(frames: np.ndarray, spec: ClipSpec) -> np.ndarray:
   if spec.channels == 1:
     x = x.mean(axis=-1, keepdims=True)
   elif spec.channels != 3:
-    raise ValueError(f"real video has 3 channels; --clip_shape asks for C={spec.channels}")
+    raise ValueError(f"real video has 3 channels; the clip spec asks for C={spec.channels}")
   return np.asarray(x, np.float32)
 
 
@@ -93,7 +93,7 @@ def _synthetic(key, batch_size, spec, num_classes, num_references) -> ClientBatc
 def _list_videos(root: str) -> tuple[list[str], list[int], list[str]]:
   """(paths, labels, class names) of the videos under `root`; classes = sub-folders."""
   if not os.path.isdir(root):
-    raise ValueError(f"--data folder {root!r} does not exist")
+    raise ValueError(f"data folder {root!r} does not exist")
   subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
   classes = subdirs or [os.path.basename(os.path.normpath(root))]
   paths, labels = [], []
@@ -105,7 +105,7 @@ def _list_videos(root: str) -> tuple[list[str], list[int], list[str]]:
           paths.append(os.path.join(dirpath, f))
           labels.append(label)
   if not paths:
-    raise ValueError(f"--data folder {root!r} holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
+    raise ValueError(f"data folder {root!r} holds no videos ({', '.join(VIDEO_EXTENSIONS)})")
   return paths, labels, classes
 
 
@@ -129,7 +129,7 @@ def _from_videos(key, paths, labels, batch_size, spec, num_references) -> Client
   if skipped:
     logging.warning("skipped %d unreadable or too short video(s): %s", len(skipped), skipped)
   if not readable:
-    raise ValueError(f"no readable video with at least {span} frames in --data "
+    raise ValueError(f"no readable video with at least {span} frames in data "
                      f"(skipped: {skipped})")
   clips, out_labels, taken = [], [], []
   for i, (path, label, num_frames) in enumerate(readable):
@@ -143,7 +143,7 @@ def _from_videos(key, paths, labels, batch_size, spec, num_references) -> Client
       taken.append((path, int(start)))
   if len(clips) < batch_size:
     raise ValueError(f"only {len(clips)} distinct clip(s) fit in the readable videos, "
-                     f"--batch_size asks for {batch_size}")
+                     f"batch_size asks for {batch_size}")
   counts = {path: num_frames for path, _, num_frames in readable}
   refs = _references(key, taken, spec, num_references, counts)
   return ClientBatch(np.stack(clips), np.asarray(out_labels, np.int32), refs,
@@ -170,7 +170,7 @@ def _references(key, taken, spec: ClipSpec, k: int,
       if p == path:
         free[start:start + (spec.frames - 1) * spec.stride + 1] = False
     if free.sum() < share:
-      raise ValueError(f"--references={k}: video {path!r} has only {int(free.sum())} frames "
+      raise ValueError(f"num_references={k}: video {path!r} has only {int(free.sum())} frames "
                        f"outside the attacked clips")
     idx = np.sort(np.asarray(jax.random.choice(vkey, np.flatnonzero(free), (share,),
                                                replace=False)))
@@ -184,7 +184,7 @@ def _tfds(key, builder, manual_dir, batch_size, spec, num_references, tfds_dir, 
   source = vtfds.load(builder, manual_dir=manual_dir, data_dir=tfds_dir, split=split,
                       frames=spec.frames, stride=spec.stride, size=(spec.height, spec.width))
   if len(source) < batch_size:
-    raise ValueError(f"{builder} split {split!r} has {len(source)} clips, --batch_size asks for "
+    raise ValueError(f"{builder} split {split!r} has {len(source)} clips, batch_size asks for "
                      f"{batch_size}")
   pick_key, ref_key = jax.random.split(key)
   picks = np.sort(np.asarray(jax.random.choice(pick_key, len(source), (batch_size,),
@@ -212,8 +212,8 @@ def load_client_batch(key: jax.Array, data: str, *, batch_size: int, spec: ClipS
     if kind == "folder":
       paths, labels, classes = _list_videos(args[0])
       if len(classes) > num_classes:
-        raise ValueError(f"--data folder has {len(classes)} classes {classes[:5]}..., more than "
-                         f"--num_classes={num_classes}")
+        raise ValueError(f"data folder has {len(classes)} classes {classes[:5]}..., more than "
+                         f"num_classes={num_classes}")
       order = np.asarray(jax.random.permutation(batch_key, len(paths)))
       paths, labels = [paths[i] for i in order], [labels[i] for i in order]
     else:
@@ -221,6 +221,6 @@ def load_client_batch(key: jax.Array, data: str, *, batch_size: int, spec: ClipS
       labels = [0]
     batch = _from_videos(ref_key, paths, labels, batch_size, spec, num_references)
   if np.any(batch.labels >= num_classes):
-    raise ValueError(f"--data has label {int(batch.labels.max())}, but --num_classes is "
+    raise ValueError(f"data has label {int(batch.labels.max())}, but num_classes is "
                      f"{num_classes}")
   return batch

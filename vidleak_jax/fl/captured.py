@@ -29,11 +29,11 @@ def load_update(path: str, params: Params) -> Grads:
     except Exception as e:  # safetensors raises its own error types for corrupt headers
       raise ValueError(f"cannot load {path!r}: {e}") from None
   else:
-    raise ValueError(f"--gradients {path!r}: unsupported format {ext!r}; expected one of "
+    raise ValueError(f"{path!r}: unsupported format {ext!r}; expected one of "
                      f"{', '.join(FORMATS)}")
-  grads = unflatten_like(params, flat, name=f"--gradients {path!r}")
+  grads = unflatten_like(params, flat, name=repr(path))
   try:
     validate_target_grads(params, grads)
   except ValueError as e:
-    raise ValueError(f"--gradients {path!r}: {e}") from None
+    raise ValueError(f"{path!r}: {e}") from None
   return grads

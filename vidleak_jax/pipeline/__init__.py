@@ -13,7 +13,8 @@ directory (see README's table of files).
 from vidleak_jax.pipeline.config import (FEATURE_ATTACKS, MATMUL_PRECISIONS, PIPELINES, STAGES,
                                          FeatureConfig, RunConfig)
 from vidleak_jax.pipeline.run import init_distributed, run
+from vidleak_jax.settings import InvalidSetting
 from vidleak_jax.pipeline.victim import build_victim
 
 __all__ = ["FEATURE_ATTACKS", "MATMUL_PRECISIONS", "PIPELINES", "STAGES", "FeatureConfig",
-           "RunConfig", "build_victim", "init_distributed", "run"]
+           "InvalidSetting", "RunConfig", "build_victim", "init_distributed", "run"]

@@ -1,7 +1,8 @@
 """The settings of one run (`RunConfig`, `FeatureConfig`) and the stage list, validated in one place.
 
-`experiments.main` fills these from flags; a library user builds them directly. Invalid values
-raise ValueError / KeyError naming the field.
+`experiments.main` fills these from flags (generated from the fields' `setting` declarations); a
+library user builds them directly. Invalid values raise `settings.InvalidSetting` (a ValueError;
+`InvalidChoice` for unknown names, also a KeyError) naming the field.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.data import sources
 from vidleak_jax.models import extractors, heads
 from vidleak_jax.pretrain import PretrainConfig
+from vidleak_jax.settings import (InvalidChoice, InvalidSetting, check, setting,
+                                  validate_fields)
 from vidleak_jax.sr import SRConfig
 
 STAGES = ("pretrain", "data", "attack", "sr", "eval")  # pretrain: feature pipeline only
@@ -26,92 +29,124 @@ FEATURE_ATTACKS = ("analytic", "matching", "subspace", "end_to_end")
 UPDATES = ("fedsgd", "fedavg")
 
 
+def _check_data_spec(field: str, spec: str) -> None:
+  try:
+    sources.parse_data_spec(spec)
+  except ValueError as e:
+    raise InvalidSetting(field, str(e)) from None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FeatureConfig:
   """Settings of the feature pipeline (see `vidleak_jax.pipeline.features`)."""
 
-  extractor: str = "resnet_small"
-  extractor_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-  extractor_weights: str | None = None  # PyTorch-layout .safetensors (resnet18)
-  extractor_dir: str | None = None  # pretrain checkpoints; default <workdir>/extractor
-  head: str = "linear"
-  head_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-  attack: str = "matching"
-  matching: feature_attack.StageConfig = feature_attack.StageConfig()
-  inversion: feature_attack.StageConfig = feature_attack.StageConfig(
-      optimizer="lbfgs", steps=200, tv_spatial=1e-2, tv_temporal=1e-2)
-  pretrain: PretrainConfig = PretrainConfig()
-  pretrain_data: str = "synthetic"
-  pretrain_clips: int = 64
+  extractor: str = setting("resnet_small", help="Frozen feature extractor (feature pipeline).",
+                           choices=extractors.EXTRACTORS.names)
+  extractor_kwargs: dict[str, Any] = setting(
+      help="Extractor options (flags --extractor_layer, --extractor_input_size).",
+      default_factory=dict)
+  extractor_weights: str | None = setting(
+      None, help="resnet18: local .safetensors with a PyTorch (torchvision layout) state dict.")
+  extractor_dir: str | None = setting(
+      None, help="Checkpoints of the locally pre-trained extractor (default <workdir>/extractor); "
+      "shared between runs.")
+  head: str = setting("linear", help="Classifier on the features.", choices=heads.HEADS.names)
+  head_kwargs: dict[str, Any] = setting(
+      help="Head options (flags --head_hidden, --head_pooling, --head_activation).",
+      default_factory=dict)
+  attack: str = setting("matching", help="analytic | matching | subspace (stage 1, then feature "
+                        "inversion) | end_to_end (pixels).", choices=FEATURE_ATTACKS)
+  matching: feature_attack.StageConfig = setting(
+      feature_attack.StageConfig(), help="Stage 1 (feature matching) settings.")
+  inversion: feature_attack.StageConfig = setting(
+      feature_attack.StageConfig(optimizer="lbfgs", steps=200, tv_spatial=1e-2, tv_temporal=1e-2),
+      help="Stage 2 (feature inversion) settings.")
+  pretrain: PretrainConfig = setting(PretrainConfig(), help="Extractor pre-training settings.")
+  pretrain_data: str = setting("synthetic", help="Extractor pre-training clips (a --data spec: "
+                               "synthetic, folder:DIR, ...).")
+  pretrain_clips: int = setting(64, help="Clips in the pre-training set.")
 
   def __post_init__(self):
-    extractors.EXTRACTORS.get(self.extractor)
-    heads.HEADS.get(self.head)
-    if self.attack not in FEATURE_ATTACKS:
-      raise KeyError(f"unknown feature attack {self.attack!r}; valid: {', '.join(FEATURE_ATTACKS)}")
-    sources.parse_data_spec(self.pretrain_data)
-    if self.pretrain_clips < 1:
-      raise ValueError(f"--pretrain_clips must be >= 1, got {self.pretrain_clips}")
-    if self.extractor_weights and self.extractor != "resnet18":
-      raise ValueError(f"--extractor_weights loads a PyTorch resnet18, not --extractor="
-                       f"{self.extractor}")
+    validate_fields(self)
+    _check_data_spec("pretrain_data", self.pretrain_data)
+    check(self.pretrain_clips >= 1, "pretrain_clips", f"must be >= 1, got {self.pretrain_clips}")
+    check(not self.extractor_weights or self.extractor == "resnet18", "extractor_weights",
+          f"loads a PyTorch resnet18, not extractor={self.extractor!r}")
+    check("layer" not in self.extractor_kwargs or self.extractor in ("alexnet", "vgg16"),
+          "extractor_kwargs.layer", f"applies to alexnet/vgg16, not extractor={self.extractor!r}")
+    check("pooling" not in self.head_kwargs or self.head.startswith(("linear", "mlp")),
+          "head_kwargs.pooling", f"applies to linear/mlp heads, not head={self.head!r}")
+    check("activation" not in self.head_kwargs or self.head != "gru", "head_kwargs.activation",
+          "does not apply to head='gru'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """All settings of one run; `experiments.main` fills it from flags."""
 
-  workdir: str
-  stages: Sequence[str] = STAGES
-  seed: int = 0
-  data: str = "synthetic"  # see `vidleak_jax.data.sources`
-  clip_shape: tuple[int, int, int, int] = (4, 16, 16, 3)  # T, H, W, C
-  frame_stride: int = 1
-  references: int = 0
-  tfds_dir: str | None = None
-  data_split: str = "train"
-  batch_size: int = 1
-  num_classes: int = 4
-  victim: str = "c3d"
-  victim_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-  update: str = "fedsgd"
-  local_steps: int = 1
-  local_lr: float = 0.1
-  known_labels: bool = False
-  gradients: str | None = None  # a captured update to attack instead of the client's
-  attack: AttackConfig = AttackConfig()
-  png_scale: int = 4
-  gif_fps: float = 4.0
-  quiet: bool = False
-  checkpoint_every: int = 1  # dispatches (of attack.log_every steps) between checkpoints
-  matmul_precision: str = "highest"  # float32 dots/convs: "default" allows TF32/bf16 passes on GPU
-  pipeline: str = "frames"  # or "features": frozen extractor + trained head
-  features: FeatureConfig = FeatureConfig()
-  sr: SRConfig = SRConfig()  # the sr stage runs only when sr.method != "none"
+  workdir: str = setting(help="Output directory of the run.")
+  stages: Sequence[str] = setting(STAGES, help=f"Stages to run, of {', '.join(STAGES)}.")
+  seed: int = setting(0, help="One seed for data, victim initialisation and attack.")
+  data: str = setting("synthetic", help="Client data: synthetic | video:PATH | shipped:NAME | "
+                      "folder:DIR | tfds:BUILDER:MANUAL_DIR (builders video_folder, ucf_crime, "
+                      "ucf101).")
+  clip_shape: tuple[int, int, int, int] = setting((4, 16, 16, 3), help="Clip shape T,H,W,C.")
+  frame_stride: int = setting(1, help="Take every n-th frame of real video.")
+  references: int = setting(0, help="Reference frames of the same camera given to the attacker "
+                            "(0, 1 or many).")
+  tfds_dir: str | None = setting(None, help="Where tfds builds datasets (default "
+                                 "~/tensorflow_datasets).")
+  data_split: str = setting("train", help="Split of a tfds dataset.")
+  batch_size: int = setting(1, help="Clips in the client's batch (B).")
+  num_classes: int = setting(4, help="Number of classes.")
+  victim: str = setting("c3d", help="Victim video classifier.", choices=models.VICTIMS.names)
+  victim_kwargs: dict[str, Any] = setting(
+      help="Victim options (flags --victim_features, --activation, --pooling, --input_size).",
+      default_factory=dict)
+  update: str = setting("fedsgd", help="What the client shares.", choices=UPDATES)
+  local_steps: int = setting(1, help="FedAvg local SGD steps.")
+  local_lr: float = setting(0.1, help="FedAvg local learning rate.")
+  known_labels: bool = setting(False, help="Give the attacker the true labels (else recovered).")
+  gradients: str | None = setting(None, help="Attack this captured update (.npz or .safetensors, "
+                                  "keys = parameter paths, see README) instead of the client's; "
+                                  "use --stages=attack.")
+  attack: AttackConfig = setting(AttackConfig(), help="The gradient-inversion attack.")
+  png_scale: int = setting(4, help="Integer upscaling of frames in PNG/GIF outputs.")
+  gif_fps: float = setting(4.0, help="Frames per second of comparison.gif.")
+  quiet: bool = setting(False, help="No progress bar (batch jobs).")
+  checkpoint_every: int = setting(1, help="Save the attack's progress in <workdir>/checkpoints "
+                                  "every n dispatches (of --log_every steps); rerunning resumes.")
+  matmul_precision: str = setting("highest", help="Precision of float32 matmuls/convolutions "
+                                  "(jax.default_matmul_precision); 'default' lets GPUs use faster "
+                                  "TF32 passes.", choices=MATMUL_PRECISIONS)
+  pipeline: str = setting("frames", help="frames: the victim classifies raw frames; features: a "
+                          "frozen extractor turns each clip into features [T,D] and only a "
+                          "classifier head is trained/shared.", choices=PIPELINES)
+  features: FeatureConfig = setting(FeatureConfig(), help="The feature pipeline.")
+  sr: SRConfig = setting(SRConfig(), help="The sr stage (runs only when sr.method != 'none').")
 
   def __post_init__(self):
+    validate_fields(self)
     unknown = [s for s in self.stages if s not in STAGES]
     if unknown or not self.stages:
-      raise ValueError(f"--stages: unknown stage(s) {unknown}; valid: {', '.join(STAGES)}")
-    if len(self.clip_shape) != 4 or min(self.clip_shape) < 1:
-      raise ValueError(f"--clip_shape expects T,H,W,C (4 positive integers), got {self.clip_shape}")
-    models.VICTIMS.get(self.victim)
-    sources.parse_data_spec(self.data)
-    if self.frame_stride < 1 or self.references < 0:
-      raise ValueError("--frame_stride must be >= 1 and --references >= 0")
-    if self.checkpoint_every < 1:
-      raise ValueError(f"--checkpoint_every must be >= 1 (dispatches), got {self.checkpoint_every}")
-    if self.matmul_precision not in MATMUL_PRECISIONS:
-      raise ValueError(f"--matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)}, got "
-                       f"{self.matmul_precision!r}")
-    if self.update not in UPDATES:
-      raise ValueError(f"--update must be fedsgd or fedavg, got {self.update!r}")
-    if self.sr.method not in ("none", "bicubic", "lanczos3") and self.clip_shape[3] != 3:
-      raise ValueError(f"--sr={self.sr.method} networks are trained on RGB frames; clips have "
-                       f"C={self.clip_shape[3]} channels (use --sr=bicubic or lanczos3)")
-    if self.pipeline not in PIPELINES:
-      raise ValueError(f"--pipeline must be one of {', '.join(PIPELINES)}, got {self.pipeline!r}")
-    if self.pipeline == "features" and self.features.attack in ("analytic", "subspace") and (
-        not self.features.head.startswith(("linear", "mlp"))):
-      raise ValueError(f"--feature_attack={self.features.attack} needs a head that starts with a "
-                       f"dense layer (linear, mlp1..3), got --head={self.features.head}")
+      raise InvalidChoice("stages", f"stages: unknown stage(s) {unknown}; valid: "
+                                    f"{', '.join(STAGES)}")
+    check(len(self.clip_shape) == 4 and min(self.clip_shape) >= 1, "clip_shape",
+          f"expects T,H,W,C (4 positive integers), got {self.clip_shape}")
+    _check_data_spec("data", self.data)
+    check("pooling" not in self.victim_kwargs or self.victim == "frame_cnn",
+          "victim_kwargs.pooling", f"applies to victim='frame_cnn', not {self.victim!r}")
+    for field in ("frame_stride", "batch_size", "local_steps", "png_scale", "checkpoint_every"):
+      check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+    check(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
+    check(self.references >= 0, "references", f"must be >= 0, got {self.references}")
+    check(self.local_lr >= 0, "local_lr", f"must be >= 0, got {self.local_lr}")
+    check(self.gif_fps >= 0.1, "gif_fps", f"must be >= 0.1, got {self.gif_fps}")
+    check(self.sr.method in ("none", "bicubic", "lanczos3") or self.clip_shape[3] == 3, "sr",
+          f"method {self.sr.method!r}: its networks are trained on RGB frames; clips have "
+          f"C={self.clip_shape[3]} channels (use bicubic or lanczos3)")
+    if self.pipeline == "features" and self.features.attack in ("analytic", "subspace"):
+      check(self.features.head.startswith(("linear", "mlp")), "features.attack",
+            f"{self.features.attack!r} needs a head that starts with a dense layer (linear, "
+            f"mlp1..3), got head={self.features.head!r}")
+

@@ -31,7 +31,7 @@ from vidleak_jax.types import Grads
 
 
 def init_clips(key: jax.Array, references: np.ndarray | None, clip_shape) -> np.ndarray:
-  """Stage-1/2 start [B,T,H,W,C]: the references' median frame (--init=reference), else mid-gray,
+  """Stage-1/2 start [B,T,H,W,C]: the references' median frame (attack.init 'reference'), else mid-gray,
   plus small noise of each clip's own, so clips with the same label do not stay identical under
   identical gradients."""
   kind, refs = ("gray", None) if references is None else ("reference", jnp.asarray(references))
@@ -119,7 +119,7 @@ def feature_metrics(cfg: RunConfig, rec: dict[str, np.ndarray], truth: dict[str,
   layer add `first_layer_sv_ratio` (`analytic.singular_value_ratio` on the true batch)."""
   if "features" not in rec:
     raise ValueError("reconstruction.npz holds no recovered features: rerun the 'attack' stage "
-                     "with --pipeline=features")
+                     "with pipeline='features'")
   victim = build_feature_victim(cfg)
   true_features = np.asarray(jax.jit(victim.extract)(jnp.asarray(truth["clips"])))
   perm = feature_attack.match_features_to_truth(rec["features"], true_features)

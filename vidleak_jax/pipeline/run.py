@@ -20,6 +20,7 @@ from vidleak_jax.pipeline.feature_victim import stage_pretrain
 from vidleak_jax.pipeline.sr import stage_sr
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.report import html as html_report
+from vidleak_jax.settings import InvalidSetting
 
 
 def init_distributed(coordinator_address: str, num_processes: int | None,
@@ -43,7 +44,10 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
   """
   captured = None
   if cfg.gradients:  # validated before anything is written
-    captured = captured_update.load_update(cfg.gradients, build_victim(cfg)[1])
+    try:
+      captured = captured_update.load_update(cfg.gradients, build_victim(cfg)[1])
+    except ValueError as e:
+      raise InvalidSetting("gradients", f"gradients={cfg.gradients!r}: {e}") from None
   if rundir.is_writer():
     os.makedirs(cfg.workdir, exist_ok=True)
     vio.write_json(rundir.path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))

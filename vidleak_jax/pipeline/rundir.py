@@ -14,6 +14,7 @@ import numpy as np
 from vidleak_jax import fl
 from vidleak_jax import io as vio
 from vidleak_jax.pipeline.config import RunConfig
+from vidleak_jax.settings import InvalidSetting
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 from vidleak_jax.types import Grads
 
@@ -43,7 +44,7 @@ def require(cfg: RunConfig, name: str, stage: str) -> dict[str, np.ndarray]:
   """The arrays of `name`; FileNotFoundError naming the `stage` that writes it if it is missing."""
   file = path(cfg, name)
   if not os.path.exists(file):
-    raise FileNotFoundError(f"{file} not found: run the {stage!r} stage first (--stages)")
+    raise FileNotFoundError(f"{file} not found: run the {stage!r} stage first (stages)")
   return vio.load_npz(file)
 
 
@@ -62,8 +63,8 @@ def attack_references(cfg: RunConfig) -> np.ndarray | None:
     return None
   frames = require(cfg, "references.npz", "data")["frames"]
   if len(frames) == 0 and cfg.attack.init == "reference":
-    raise ValueError("--init=reference needs reference frames: rerun the 'data' stage with "
-                     "--references=k (k >= 1)")
+    raise InvalidSetting("references", "attack.init='reference' needs reference frames: rerun "
+                         "the 'data' stage with references=k (k >= 1)")
   return frames
 
 
@@ -72,9 +73,9 @@ def client_batch(cfg: RunConfig) -> tuple[jax.Array, jax.Array]:
   batch = require(cfg, "data.npz", "data")
   clips, labels = jax.numpy.asarray(batch["clips"]), jax.numpy.asarray(batch["labels"])
   if clips.shape != (cfg.batch_size, *cfg.clip_shape):
-    raise ValueError(f"data.npz holds clips of shape {clips.shape}, but --clip_shape/"
-                     f"--batch_size ask for {(cfg.batch_size, *cfg.clip_shape)}: rerun the "
-                     f"'data' stage")
+    raise InvalidSetting("clip_shape", f"data.npz holds clips of shape {clips.shape}, but "
+                         f"batch_size={cfg.batch_size} and clip_shape={cfg.clip_shape} ask for "
+                         f"{(cfg.batch_size, *cfg.clip_shape)}: rerun the 'data' stage")
   return clips, labels
 
 

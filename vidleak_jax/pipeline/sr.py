@@ -24,6 +24,7 @@ from vidleak_jax.data.synthetic import synthetic_clips
 from vidleak_jax.pipeline import rundir
 from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.pipeline.victim import build_victim
+from vidleak_jax.settings import InvalidSetting
 from vidleak_jax.sr import train
 from vidleak_jax.sr.methods import SR_METHODS, Simulator, SRSetup, with_background_detail
 
@@ -31,7 +32,7 @@ _SR_STREAM = 0x5352  # the SR stage's random stream: fold_in(key(seed), _SR_STRE
 
 
 def sr_scale(cfg: RunConfig) -> int:
-  """--sr_scale, defaulting to the attack's --attack_scale."""
+  """sr.scale, defaulting to the attack's attack_scale."""
   return cfg.sr.scale if cfg.sr.scale is not None else cfg.attack.attack_scale
 
 
@@ -74,7 +75,7 @@ def make_simulator(cfg: RunConfig, apply_fn, params, references: np.ndarray,
 def stage_sr(cfg: RunConfig) -> None:
   """Super-resolves reconstruction.npz into sr.npz with `cfg.sr` (skipped for method "none")."""
   if cfg.sr.method == "none":
-    logging.info("sr: skipped (--sr=none)")
+    logging.info("sr: skipped (method none)")
     return
   rec = rundir.require(cfg, "reconstruction.npz", "attack")
   references = rundir.references(cfg)
@@ -84,12 +85,15 @@ def stage_sr(cfg: RunConfig) -> None:
   if cfg.sr.method == "restoration":
     simulate = make_simulator(cfg, *build_victim(cfg), references, scale)
   key = jax.random.fold_in(jax.random.key(cfg.seed), _SR_STREAM)
-  upscale = SR_METHODS.get(cfg.sr.method)(key, SRSetup(cfg.sr, scale, references, simulate))
+  try:
+    upscale = SR_METHODS.get(cfg.sr.method)(key, SRSetup(cfg.sr, scale, references, simulate))
+  except InvalidSetting as e:  # an SRConfig field: name it within the run's settings
+    raise e.within("sr") from None
   if cfg.attack.param == "background_residual" and len(references):
     upscale = with_background_detail(upscale, references, scale)
   out = np.asarray(jnp.clip(upscale(low), 0.0, 1.0))
   if out.shape != rec["clips"].shape:
-    raise ValueError(f"--sr={cfg.sr.method} gave clips {out.shape}, expected "
+    raise ValueError(f"sr method {cfg.sr.method!r} gave clips {out.shape}, expected "
                      f"{rec['clips'].shape}")
   rundir.save(cfg, "sr.npz", clips=out, inputs=np.asarray(low))
   logging.info("sr: %s ×%d of %s -> %s", cfg.sr.method, scale, low.shape, out.shape)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidleak_jax.registry import Registry
+from vidleak_jax.settings import InvalidSetting, check, setting, validate_fields
 from vidleak_jax.sr import apply, train
 from vidleak_jax.sr.models import SR_MODELS, SR_SCALES
 
@@ -34,37 +35,32 @@ GENERIC_SEED = 0  # generic networks are one fixed artifact, whatever the run's 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SRConfig:
-  """Settings of the `sr` stage (flags --sr, --sr_scale, --sr_model, --sr_steps, ...).
+  """Settings of the `sr` stage (each field's help says what it sets)."""
 
-  method: a name in `SR_METHODS`, or "none" (stage skipped). scale: upscaling factor, None =
-  the attack's `attack_scale`. model: network of adapted/restoration. steps: generic training
-  steps; finetune_steps: adapted/restoration fine-tuning steps. checkpoint: orbax directory of
-  the generic network (restored if present, else trained and saved there; resumable).
-  temporal_radius: neighbouring frames on each side given to the network as extra channels.
-  simulations / simulation_steps: simulated attacks (and their steps) for restoration.
-  """
-
-  method: str = "none"
-  scale: int | None = None
-  model: str = "espcn"
-  steps: int = 300
-  finetune_steps: int = 150
-  checkpoint: str | None = None
-  temporal_radius: int = 0
-  simulations: int = 2
-  simulation_steps: int = 100
+  method: str = setting("none", help="Super-resolution of the reconstruction (stage sr): bicubic "
+                        "| lanczos3 | espcn | edsr (generic training) | adapted (fine-tuned on the "
+                        "--references frames) | restoration (fine-tuned on simulated attacks) | "
+                        "none.", choices=lambda: ("none", *SR_METHODS.names()))
+  scale: int | None = setting(None, help="Upscaling factor 1, 2 or 4 (default --attack_scale).",
+                              choices=SR_SCALES)
+  model: str = setting("espcn", help="Network of --sr=adapted / restoration.",
+                       choices=SR_MODELS.names)
+  steps: int = setting(300, help="Generic SR training steps.")
+  finetune_steps: int = setting(150, help="Fine-tuning steps of --sr=adapted / restoration.")
+  checkpoint: str | None = setting(None, help="Orbax directory of the generic SR network: "
+                                   "restored if it holds one, else trained and saved there "
+                                   "(resumable).")
+  temporal_radius: int = setting(0, help="Neighbouring frames on each side given to the SR "
+                                 "network as extra channels.")
+  simulations: int = setting(2, help="Simulated attacks of --sr=restoration.")
+  simulation_steps: int = setting(100, help="Attack steps of each simulated attack.")
 
   def __post_init__(self):
-    if self.method != "none":
-      SR_METHODS.get(self.method)
-    SR_MODELS.get(self.model)
-    if self.scale is not None and self.scale not in SR_SCALES:
-      raise ValueError(f"sr_scale must be one of {SR_SCALES}, got {self.scale!r}")
+    validate_fields(self)
     for field in ("steps", "finetune_steps", "simulations", "simulation_steps"):
-      if getattr(self, field) < 1:
-        raise ValueError(f"sr {field} must be >= 1, got {getattr(self, field)}")
-    if self.temporal_radius < 0:
-      raise ValueError(f"sr temporal_radius must be >= 0, got {self.temporal_radius}")
+      check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+    check(self.temporal_radius >= 0, "temporal_radius",
+          f"must be >= 0, got {self.temporal_radius}")
 
 
 class SRSetup(NamedTuple):
@@ -104,7 +100,7 @@ def generic_model(setup: SRSetup, name: str):
                                    temporal_radius=cfg.temporal_radius,
                                    checkpoint_dir=cfg.checkpoint)
   except ValueError as e:
-    raise ValueError(f"--sr_checkpoint={cfg.checkpoint}: {e}") from None
+    raise InvalidSetting("checkpoint", f"checkpoint={cfg.checkpoint!r}: {e}") from None
   return model
 
 
@@ -136,8 +132,8 @@ def adapt(key: jax.Array, model, references: jax.Array, *, scale: int, steps: in
 @SR_METHODS.register("adapted")
 def _adapted(key: jax.Array, setup: SRSetup) -> Upscaler:
   if len(setup.references) == 0:
-    raise ValueError("--sr=adapted needs the attacker's reference frames: rerun the 'data' "
-                     "stage with --references=k (k >= 1)")
+    raise InvalidSetting("method", "method='adapted' needs the attacker's reference frames "
+                         "(none given)")
   model = adapt(key, generic_model(setup, setup.config.model),
                 setup.references, scale=setup.scale, steps=setup.config.finetune_steps,
                 temporal_radius=setup.config.temporal_radius)
@@ -158,7 +154,7 @@ def with_background_detail(upscale: Upscaler, references: np.ndarray, scale: int
 @SR_METHODS.register("restoration")
 def _restoration(key: jax.Array, setup: SRSetup) -> Upscaler:
   if setup.simulate is None:
-    raise ValueError("--sr=restoration needs the victim and attack settings to simulate attacks")
+    raise ValueError("method='restoration' needs setup.simulate (victim and attack settings)")
   sim_key, fit_key = jax.random.split(key)
   lows, highs = zip(*(setup.simulate(k) for k in
                       jax.random.split(sim_key, setup.config.simulations)))
