@@ -17,7 +17,6 @@ the defaults (4×32×32 clips).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 
@@ -62,19 +61,10 @@ def _pixel_attack(steps: int) -> attack.AttackConfig:
 
 
 def _run(cfg: pipeline.RunConfig) -> dict:
-  """pipeline.run, or the metrics of a finished run of exactly this config in cfg.workdir: a killed
-  sweep, or one rerun with more heads or attacks, computes only what is missing."""
-  metrics_path = os.path.join(cfg.workdir, "metrics.json")
-  config_path = os.path.join(cfg.workdir, "config.json")
-  if os.path.exists(metrics_path) and os.path.exists(config_path):
-    with open(config_path, encoding="utf-8") as f:
-      done = json.load(f)
-    if done == json.loads(json.dumps(report.to_jsonable(dataclasses.asdict(cfg)))):
-      logging.info("sweep: %s is done, reusing its metrics.json", cfg.workdir)
-      with open(metrics_path, encoding="utf-8") as f:
-        return json.load(f)
+  """The run's metrics: a killed sweep, or one rerun with more heads or attacks, computes only
+  what is missing (`pipeline.run_or_reuse`)."""
   logging.info("sweep: %s", cfg.workdir)
-  return pipeline.run(cfg)
+  return pipeline.run_or_reuse(cfg)
 
 
 def _rows(base: pipeline.RunConfig, workdir: str) -> list[dict]:
@@ -92,9 +82,9 @@ def _rows(base: pipeline.RunConfig, workdir: str) -> list[dict]:
     if not np.array_equal(batch["clips"], clips):
       raise RuntimeError(f"run {name!r} attacked different clips than the raw-frame run")
     victim = pipeline.feature_victim.build_feature_victim(dataclasses.replace(base, features=fc))
-    pipeline = (f"features ({fc.extractor})" if feature_attack_name == "matching" else
-                f"features ({fc.extractor}, {feature_attack_name})")
-    row = {"pipeline": pipeline, "head": head,
+    label = (f"features ({fc.extractor})" if feature_attack_name == "matching" else
+             f"features ({fc.extractor}, {feature_attack_name})")
+    row = {"pipeline": label, "head": head,
            "head_params": sum(int(np.size(p)) for p in jax.tree.leaves(victim.params)),
            "feature_rel_error": out["feature_rel_error_mean"],
            "pooled_feature_rel_error": out["pooled_feature_rel_error_mean"],

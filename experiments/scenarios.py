@@ -16,7 +16,6 @@ rewritten atomically after every cell.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 
@@ -74,19 +73,14 @@ def run_cell(base: pipeline.RunConfig, method: str) -> dict | None:
   """metrics.json of one SR method on the cell's reconstruction (None if not applicable)."""
   if method == "adapted" and base.references == 0:
     return None
-  workdir = os.path.join(base.workdir, f"sr-{method}")
-  path = os.path.join(workdir, "metrics.json")
-  if not os.path.exists(path):
-    os.makedirs(workdir, exist_ok=True)
+  cfg = dataclasses.replace(base, workdir=os.path.join(base.workdir, f"sr-{method}"),
+                            stages=("sr", "eval"), png_scale=2,
+                            sr=sr.SRConfig() if method == "none" else sr_config(method))
+  if pipeline.reuse.changed_settings(cfg) is None:  # not finished: the cell's inputs
+    os.makedirs(cfg.workdir, exist_ok=True)
     for name in ("data.npz", "references.npz", "reconstruction.npz"):
-      shutil.copyfile(os.path.join(base.workdir, name), os.path.join(workdir, name))
-    cfg = dataclasses.replace(base, workdir=workdir, png_scale=2,
-                              sr=sr.SRConfig() if method == "none" else sr_config(method))
-    with jax.default_matmul_precision(cfg.matmul_precision):  # as pipeline.run does
-      pipeline.sr.stage_sr(cfg)
-      pipeline.evaluate.stage_eval(cfg)
-  with open(path) as f:
-    metrics = json.load(f)
+      shutil.copyfile(os.path.join(base.workdir, name), os.path.join(cfg.workdir, name))
+  metrics = pipeline.run_or_reuse(cfg)
   return metrics if method == "none" else metrics["sr_metrics"]["after"]
 
 
@@ -160,8 +154,7 @@ def main(argv):
       for k in FLAGS.reference_counts:
         workdir = os.path.join(FLAGS.out, data.replace(":", "_"), f"refs{k}", f"seed{seed}")
         base = base_config(data, int(k), seed, workdir)
-        if not os.path.exists(os.path.join(workdir, "reconstruction.npz")):
-          pipeline.run(dataclasses.replace(base, stages=("data", "attack")))
+        pipeline.run_or_reuse(dataclasses.replace(base, stages=("data", "attack")))
         for method in FLAGS.sr_methods:
           metrics = run_cell(base, method)
           if metrics is not None:

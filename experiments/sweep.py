@@ -7,7 +7,6 @@ file's `fixed` values applied on top; it runs in this process in `<workdir>/<poi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import difflib
 import os
 import sys
@@ -79,23 +78,14 @@ def point_config(flag_values: flags.FlagValues, config_from_flags: Callable[[], 
   return config, values
 
 
-def point_settings(config: pipeline.RunConfig) -> dict:
-  """What decides a point's results: its RunConfig without output-only settings."""
-  settings = dataclasses.asdict(config)
-  for name in ("quiet", "checkpoint_every"):
-    settings.pop(name)
-  return settings
-
-
 def _unfinished(workdir: str, spec: sweep.SweepSpec, points, configs) -> list[sweep.Point]:
   """Points without results; ValueError if a finished one ran with other settings."""
   todo = []
   for point in points:
-    point_dir = os.path.join(workdir, point.point_id)
-    if not sweep.is_finished(point_dir):
+    changed = pipeline.reuse.changed_settings(configs[point.point_id][0])
+    if not sweep.is_finished(os.path.join(workdir, point.point_id)) and not changed:
       todo.append(point)
       continue
-    changed = sweep.changed_settings(point_dir, point_settings(configs[point.point_id][0]))
     if changed:
       raise ValueError(f"sweep {spec.name!r}: point {point.point_id} in {workdir} finished with "
                        f"other settings ({', '.join(changed[:5])}); delete it or use another "
@@ -139,11 +129,11 @@ def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], pip
     config, values = configs[point.point_id]
     start = time.perf_counter()
     try:
-      pipeline.run(config, flag_values=values,
-                   hidden_settings=cli.housekeeping_flags(flag_values))
+      pipeline.run_or_reuse(config, flag_values=values,
+                            hidden_settings=cli.housekeeping_flags(flag_values))
     except (OSError, ValueError, KeyError) as e:
       raise ValueError(f"sweep point {point.point_id}: {e}") from None
-    sweep.mark_finished(config.workdir, spec, point, point_settings(config))
+    sweep.mark_finished(config.workdir, spec, point)
     sweep.write_results(workdir, spec)
     logging.info("sweep point %s done in %.1fs", point.point_id, time.perf_counter() - start)
   rows = sweep.write_results(workdir, spec)

@@ -206,5 +206,5 @@ def test_killed_sweep_resumes_and_shards_rebuild_the_same_table(tmp_path):
   # Finished points of other settings are never passed off as this sweep's results.
   proc = _main(f"--sweep={sweep_file}", f"--workdir={whole}", "--lr=0.05", env=env)
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
-  assert "point seed=0" in proc.stderr and "finished with other settings (attack)" in proc.stderr
+  assert "point seed=0" in proc.stderr and "finished with other settings (attack.lr)" in proc.stderr
   assert _files(first) == before

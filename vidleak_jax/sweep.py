@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any, Sequence
 
-from vidleak_jax.io import to_jsonable, write_json, write_text
+from vidleak_jax.io import write_json, write_text
 
 Value = str | int | float | bool | list
 POINT_FILE = "point.json"
@@ -165,21 +165,12 @@ def is_finished(point_dir: str) -> bool:
   return all(os.path.isfile(os.path.join(point_dir, n)) for n in (POINT_FILE, METRICS_FILE))
 
 
-def mark_finished(point_dir: str, spec: SweepSpec, point: Point,
-                  settings: dict[str, Any]) -> None:
+def mark_finished(point_dir: str, spec: SweepSpec, point: Point) -> None:
   """Writes the completion marker (atomically, after every other output of the point) with the
-  point's run `settings`, so a later sweep can tell whether the point is still what it asks for."""
+  point's grid values (whether its settings still match is `pipeline.reuse`'s run.json)."""
   write_json(os.path.join(point_dir, POINT_FILE),
              {"sweep": spec.name, "point_id": point.point_id, "values": point.values,
-              "fixed": spec.fixed, "settings": settings})
-
-
-def changed_settings(point_dir: str, settings: dict[str, Any]) -> list[str]:
-  """Names of the settings in which a finished point differs from `settings` (sorted)."""
-  with open(os.path.join(point_dir, POINT_FILE), encoding="utf-8") as f:
-    done = json.load(f).get("settings", {})
-  now = json.loads(json.dumps(to_jsonable(settings)))
-  return sorted(k for k in set(done) | set(now) if done.get(k) != now.get(k))
+              "fixed": spec.fixed})
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

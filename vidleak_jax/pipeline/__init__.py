@@ -7,14 +7,17 @@ directory (see README's table of files).
   frames          data and raw-frame attack stages; features: the feature pipeline's attack
   sr, evaluate    the sr and eval stages
   run             all selected stages in order (multi-process aware)
+  reuse           run, or reuse a finished run with identical settings (sweeps, studies)
   logs            attack progress: tqdm, metrics.jsonl, TensorBoard
 """
 
 from vidleak_jax.pipeline.config import (FEATURE_ATTACKS, MATMUL_PRECISIONS, PIPELINES, STAGES,
                                          FeatureConfig, RunConfig)
+from vidleak_jax.pipeline.reuse import run_or_reuse
 from vidleak_jax.pipeline.run import init_distributed, run
 from vidleak_jax.settings import InvalidSetting
 from vidleak_jax.pipeline.victim import build_victim
 
 __all__ = ["FEATURE_ATTACKS", "MATMUL_PRECISIONS", "PIPELINES", "STAGES", "FeatureConfig",
-           "InvalidSetting", "RunConfig", "build_victim", "init_distributed", "run"]
+           "InvalidSetting", "RunConfig", "build_victim", "init_distributed", "run",
+           "run_or_reuse"]
