@@ -1,14 +1,16 @@
-"""The attack as an optax-style pair: `init(key) -> AttackState`, `run(state, n) -> (state, metrics)`.
+"""Optimisations as optax-style pairs: `init(key) -> state`, `run(state, n) -> (state, metrics)`.
 
-Nothing here is jitted; `reconstruct` (or a caller's runner) jits `run` once. All R restarts are
-updated inside one call, batched by `vmap` or a `lax.map` over small vmapped groups (see
-`AttackConfig.batching`).
+`make_optimisation` is the core every attack uses: R candidates minimise one objective, each
+with its own optimizer state, keeping the best point seen per restart. `make_attack` is the
+gradient-inversion attack on clips built on it. Nothing here is jitted; `driver.drive` (or a
+caller's runner) jits `run` once. All R restarts are updated inside one call, batched by `vmap`
+or a `lax.map` over small vmapped groups (see `AttackConfig.batching`).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,26 +26,45 @@ from vidleak_jax.data.clips import resize
 from vidleak_jax.models.layers import conv_implementation
 from vidleak_jax.types import ApplyFn, Grads, Labels, Params
 
+# x [...] (one candidate) -> (objective [], {metric name: []}).
+ObjectiveFn = Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+Transform = Callable[[jax.Array], jax.Array]
+
+
+class Settings(Protocol):
+  """The optimisation settings `make_optimisation` reads (`AttackConfig` and
+  `features.StageConfig` have them all): optimizer/schedule are registry names, `log_every` the
+  steps per `run` call, batching/map_batch_size as in `AttackConfig`."""
+
+  optimizer: str
+  lr: float
+  schedule: str
+  steps: int
+  restarts: int
+  log_every: int
+  batching: str
+  map_batch_size: int
+
 
 class AttackState(NamedTuple):
-  """Candidates [R,B,T,h,w,C] (latents, see `parametrize`), their optimizer state, the step, and
-  the best seen per restart."""
+  """Candidates [R,...] (for clips: latents [R,B,T,h,w,C], see `parametrize`), their optimizer
+  state, the step, and the best seen per restart."""
 
   candidates: jax.Array
   opt_state: Any
   step: jax.Array  # int32 []
   best_loss: jax.Array  # [R]
-  best_candidates: jax.Array  # [R,B,T,h,w,C]
+  best_candidates: jax.Array  # [R,...]
 
 
 class Attack(NamedTuple):
-  """init(key) -> state; run(state, n) -> (state, metrics); objective(latents) -> (loss, aux);
-  finalize(state) -> state with the last candidates scored too; decode(latents) -> clips at the
-  victim's resolution; lowres(latents) -> clips at the attack's resolution."""
+  """init(key) -> state; run(state, n) -> (state, metrics); objective(x) -> (loss, aux);
+  finalize(state) -> state with the last candidates scored too; decode(x) -> the result (clips
+  at the victim's resolution for `make_attack`); lowres(x) -> clips at the attack's resolution."""
 
   init: Callable[[jax.Array], AttackState]
   run: Callable[[AttackState, jax.Array], tuple[AttackState, dict[str, jax.Array]]]
-  objective: Callable[[jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+  objective: ObjectiveFn
   finalize: Callable[[AttackState], AttackState]
   decode: Callable[[jax.Array], jax.Array]
   lowres: Callable[[jax.Array], jax.Array]
@@ -81,6 +102,70 @@ def _keep_best(state: AttackState, loss: jax.Array, candidates: jax.Array):
           jnp.where(mask, candidates, state.best_candidates))
 
 
+def make_optimisation(objective: ObjectiveFn, starts: Callable[[jax.Array], jax.Array],
+                      settings: Settings, *, project: Transform | None = None,
+                      decode: Transform | None = None, lowres: Transform | None = None) -> Attack:
+  """Minimises `objective` over R candidates from `starts(key)` [R,...] with the optimizer,
+  schedule and batching of `settings` (`settings.steps` sets the schedule's length).
+
+  `project(x)` is applied after every update (e.g. a box; identity if None). The loss of a step
+  is the objective at the pre-update point; the best point seen per restart is kept (`finalize`
+  scores the last one too). `decode`/`lowres` (identity if None) go into the `Attack` unchanged.
+  `settings.map_batch_size` 0 resolves from one candidate's shape (`resolve_map_batch_size`).
+  """
+  opt = make_optimizer(settings.optimizer, settings.lr, settings.schedule, settings.steps)
+  batching = resolve_batching(settings.batching)
+  identity = lambda x: x
+  project, decode = project or identity, decode or identity
+  value_fn = lambda x: objective(x)[0]
+
+  def map_candidates(fn: Callable, *args):
+    shape = jax.tree.leaves(args)[0].shape[1:]  # one candidate
+    return _map_candidates(fn, *args, batching=batching,
+                           batch_size=resolve_map_batch_size(settings.map_batch_size, shape))
+
+  def init(key: jax.Array) -> AttackState:
+    candidates = starts(key)
+    opt_state = map_candidates(opt.init, candidates)
+    return AttackState(candidates, opt_state, jnp.zeros((), jnp.int32),
+                       jnp.full(candidates.shape[:1], jnp.inf, jnp.float32), candidates)
+
+  def candidate_step(x, opt_state):
+    (value, aux), grad = jax.value_and_grad(objective, has_aux=True)(x)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
+      updates, opt_state = opt.update(grad, opt_state, x, value=value, grad=grad,
+                                      value_fn=value_fn)
+    return project(optax.apply_updates(x, updates)), opt_state, value, aux
+
+  def one_step(state: AttackState) -> tuple[AttackState, dict[str, jax.Array]]:
+    new_x, opt_state, loss, aux = map_candidates(candidate_step, state.candidates,
+                                                 state.opt_state)
+    # `loss` is the objective at the pre-update candidates.
+    best_loss, best = _keep_best(state, loss, state.candidates)
+    return AttackState(new_x, opt_state, state.step + 1, best_loss, best), {"loss": loss, **aux}
+
+  def run(state: AttackState, num_steps: jax.Array) -> tuple[AttackState, dict[str, jax.Array]]:
+    """Runs min(num_steps, log_every) steps in one scan; metrics [log_every, R] (NaN if idle)."""
+
+    def idle(s):
+      one = jax.ShapeDtypeStruct(s.candidates.shape[1:], s.candidates.dtype)
+      _, aux = jax.eval_shape(objective, one)
+      nan = lambda like: jnp.full(s.best_loss.shape, jnp.nan, like.dtype)  # [R] (or a shard)
+      return s, {"loss": nan(s.best_loss), **jax.tree.map(nan, aux)}
+
+    def body(state, i):
+      return jax.lax.cond(i < num_steps, one_step, idle, state)
+
+    return jax.lax.scan(body, state, jnp.arange(settings.log_every))
+
+  def finalize(state: AttackState) -> AttackState:
+    loss = map_candidates(value_fn, state.candidates)
+    best_loss, best = _keep_best(state, loss, state.candidates)
+    return state._replace(best_loss=best_loss, best_candidates=best)
+
+  return Attack(init, run, objective, finalize, decode, lowres or identity)
+
+
 def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: Labels,
                 clip_shape: tuple[int, ...], config: AttackConfig, *,
                 references: jax.Array | None = None) -> Attack:
@@ -97,12 +182,8 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
       raise ValueError(f"init='reference' needs references [k>=1, {', '.join(map(str, expected))}]"
                        f", got {None if references is None else tuple(references.shape)}")
   param = make_parametrization(clip_shape, config, references)
-  opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
   priors = [(PRIORS.get(name), w) for name, w in sorted(config.priors.items()) if w > 0]
-  batching, conv = resolve_batching(config.batching), resolve_conv(config.conv)
-  map_candidates = functools.partial(
-      _map_candidates, batching=batching,
-      batch_size=resolve_map_batch_size(config.map_batch_size, clip_shape))
+  conv = resolve_conv(config.conv)
 
   def objective(latents: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     clips = param.decode(latents)
@@ -114,46 +195,12 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
       total = total + param.penalty(latents)
     return total, {"grad_match": match}
 
-  value_fn = lambda x: objective(x)[0]
-
-  def init(key: jax.Array) -> AttackState:
+  def starts(key: jax.Array) -> jax.Array:
     shape = (config.restarts, *param.latent_shape)
-    candidates = param.encode(init_candidates(key, shape, config.init, references))
-    opt_state = map_candidates(opt.init, candidates)
-    return AttackState(candidates, opt_state, jnp.zeros((), jnp.int32),
-                       jnp.full((config.restarts,), jnp.inf, jnp.float32), candidates)
+    return param.encode(init_candidates(key, shape, config.init, references))
 
-  def candidate_step(x, opt_state):
-    (value, aux), grad = jax.value_and_grad(objective, has_aux=True)(x)
-    with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
-      updates, opt_state = opt.update(grad, opt_state, x, value=value, grad=grad,
-                                      value_fn=value_fn)
-    new_x = param.project(optax.apply_updates(x, updates))
-    return new_x, opt_state, value, aux["grad_match"]
-
-  def one_step(state: AttackState) -> tuple[AttackState, dict[str, jax.Array]]:
-    new_x, opt_state, loss, match = map_candidates(candidate_step, state.candidates,
-                                                   state.opt_state)
-    # `loss` is the objective at the pre-update candidates.
-    best_loss, best = _keep_best(state, loss, state.candidates)
-    return (AttackState(new_x, opt_state, state.step + 1, best_loss, best),
-            {"loss": loss, "grad_match": match})
-
-  def run(state: AttackState, num_steps: jax.Array) -> tuple[AttackState, dict[str, jax.Array]]:
-    """Runs min(num_steps, log_every) steps in one scan; metrics are [log_every, R] (NaN if idle)."""
-
-    def idle(s):
-      nan = jnp.full_like(s.best_loss, jnp.nan)  # [R] (or this device's shard of R)
-      return s, {"loss": nan, "grad_match": nan}
-
-    def body(state, i):
-      return jax.lax.cond(i < num_steps, one_step, idle, state)
-
-    return jax.lax.scan(body, state, jnp.arange(config.log_every))
-
-  def finalize(state: AttackState) -> AttackState:
-    loss = map_candidates(value_fn, state.candidates)
-    best_loss, best = _keep_best(state, loss, state.candidates)
-    return state._replace(best_loss=best_loss, best_candidates=best)
-
-  return Attack(init, run, objective, finalize, param.decode, param.lowres)
+  # Groups of "map" batching are sized by the clip at the victim's resolution.
+  settings = dataclasses.replace(
+      config, map_batch_size=resolve_map_batch_size(config.map_batch_size, clip_shape))
+  return make_optimisation(objective, starts, settings, project=param.project,
+                           decode=param.decode, lowres=param.lowres)
