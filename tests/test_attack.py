@@ -192,3 +192,24 @@ def test_reference_frames_of_the_camera_improve_the_reconstruction():
     vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target,
                           clip_shape=batch.clips.shape,
                           config=vl.attack.AttackConfig(init="reference"))
+
+
+def test_the_core_minimises_any_objective_per_restart_within_its_projection():
+  target = jnp.asarray([0.3, 2.0])
+  objective = lambda x: (jnp.sum(jnp.square(x - target)), {"norm": jnp.sum(jnp.square(x))})
+  starts = lambda key: jnp.broadcast_to(jnp.arange(3.0)[:, None], (3, 2))  # [R=3, 2]
+  config = vl.attack.AttackConfig(optimizer="sgd", lr=0.1, schedule="constant", steps=100,
+                                  restarts=3, log_every=40, priors={})
+  attack = vl.attack.make_optimisation(objective, starts, config,
+                                       project=lambda x: jnp.clip(x, 0.0, 1.0))
+  infos = []
+  done = vl.attack.driver.drive(attack, attack.init(jax.random.key(0)), config,
+                                progress=lambda step, total, info: infos.append((step, info)))
+  assert [step for step, _ in infos] == [0, 40, 80, 100]  # the last dispatch: 20 steps, 20 idle
+  assert set(done.history) == {"loss", "norm"} and done.history["loss"].shape == (100, 3)
+  assert not np.isnan(done.history["loss"]).any()
+  np.testing.assert_allclose(done.history["loss"][0], [4.09, 1.49, 2.89], rtol=1e-6)  # starts
+  np.testing.assert_allclose(done.restart_losses, [1.0] * 3, rtol=1e-4)  # best in the box
+  np.testing.assert_allclose(done.best_candidate, [0.3, 1.0], atol=1e-3)
+  last = infos[-1][1]
+  assert np.isnan(last["grad_match"]) and last["norm"] == pytest.approx(1.09, abs=1e-3)

@@ -1,9 +1,9 @@
 """Gradient-inversion attacks on video classifiers."""
 
-from vidleak_jax.attack import checkpoint, sharding
+from vidleak_jax.attack import checkpoint, driver, sharding
 from vidleak_jax.attack.checkpoint import AttackInterrupted
 from vidleak_jax.attack.config import AttackConfig
-from vidleak_jax.attack.engine import Attack, AttackState, make_attack
+from vidleak_jax.attack.engine import Attack, AttackState, make_attack, make_optimisation
 from vidleak_jax.attack.labels import recover_labels
 from vidleak_jax.attack.objectives import DISTANCES, gradient_matching_loss
 from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
@@ -12,6 +12,8 @@ from vidleak_jax.attack.priors import PRIORS
 from vidleak_jax.attack.reconstruct import Reconstruction, reconstruct
 
 __all__ = [
-    "Attack", "AttackConfig", "AttackInterrupted", "AttackState", "DISTANCES", "OPTIMIZERS", "PARAMETRIZATIONS", "PRIORS",
-    "Reconstruction", "SCHEDULES", "checkpoint", "gradient_matching_loss", "sharding", "make_attack", "reconstruct", "recover_labels",
+    "Attack", "AttackConfig", "AttackInterrupted", "AttackState", "DISTANCES", "OPTIMIZERS",
+    "PARAMETRIZATIONS", "PRIORS", "Reconstruction", "SCHEDULES", "checkpoint", "driver",
+    "gradient_matching_loss", "make_attack", "make_optimisation", "reconstruct", "recover_labels",
+    "sharding",
 ]

@@ -3,7 +3,8 @@
 A checkpoint `<directory>/<step>/` holds
   state   the `AttackState` as host arrays (candidates, optimizer state, step, best per restart)
   record  the per-step history so far ([rows, R] per metric) and the curve snapshots
-  meta    JSON: steps done and the attack's description, whose fingerprint must match to resume
+  meta    JSON: steps done and the run's description (`describe` for the frame attack,
+          `describe_objective` for other optimisations), which must match to resume
 Orbax writes a checkpoint into a temporary directory and renames it once complete, so a process
 killed while saving leaves the previous checkpoint intact. Under jax.distributed every process
 saves and restores the same host arrays and process 0 writes them (orbax's multi-process
@@ -39,7 +40,8 @@ class AttackInterrupted(Exception):
 @dataclasses.dataclass
 class LoopRecord:
   """What the host loop has gathered: steps done, metric chunks [log_every, R] per dispatch, and
-  curve snapshots (step, best objective so far, best restart's best clips [B,T,H,W,C])."""
+  curve snapshots (step, best objective so far, best restart's best clips [B,T,H,W,C]; none for
+  runs without snapshots)."""
 
   done: int = 0
   chunks: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
@@ -85,26 +87,44 @@ def describe(key: jax.Array, config: AttackConfig, clip_shape: tuple[int, ...], 
       "key_sha256": _sha256(key),
       "shared_update_sha256": _tree_sha256(target_grads),
       "references_sha256": None if references is None else _sha256(references),
-      # jax.default_matmul_precision in force: GPU results differ between "default" and "highest"
-      "matmul_precision": jax.config.jax_default_matmul_precision,
   }
+  return _fingerprinted(description)
+
+
+def describe_objective(objective: str, config: Any, **arrays: Any) -> dict[str, Any]:
+  """The identity of an optimisation other than the frame attack (e.g. a feature stage), as JSON:
+  the objective's name, its settings `config` (a dataclass), a hash `<name>_sha256` of every
+  array or pytree in `arrays` (None stays None), the matmul precision and a fingerprint. A
+  description without "objective" (`describe`) is the frame attack's, so neither resumes the
+  other."""
+  description = {"objective": objective, "config": _config_json(config),
+                 **{f"{name}_sha256": None if tree is None else _tree_sha256(tree)
+                    for name, tree in arrays.items()}}
+  return _fingerprinted(description)
+
+
+def _fingerprinted(description: dict[str, Any]) -> dict[str, Any]:
+  """`description` with the matmul precision in force and a fingerprint of it all."""
+  # jax.default_matmul_precision in force: GPU results differ between "default" and "highest"
+  description = {**description, "matmul_precision": jax.config.jax_default_matmul_precision}
   text = json.dumps(description, sort_keys=True)
   return {**description, "fingerprint": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def _config_json(config: AttackConfig) -> dict[str, Any]:
+def _config_json(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """What differs between two `describe` results; a config field that the saved description
-  lacks (added to `AttackConfig` after it was written) reads as its default."""
+def _differences(saved: dict[str, Any], current: dict[str, Any],
+                 defaults: dict[str, Any]) -> list[str]:
+  """What differs between two descriptions; a config field that the saved description lacks
+  (added to the config class after it was written) reads as its value in `defaults`."""
   names = []
   for name in sorted(set(saved) | set(current)):
     if name == "fingerprint" or saved.get(name) == current.get(name):
       continue
     if name == "config" and isinstance(saved.get(name), dict):
-      old, new = {**_config_json(AttackConfig()), **saved[name]}, current[name]
+      old, new = {**defaults, **saved[name]}, current[name]
       names += [f"{field} {old.get(field)!r} -> {new.get(field)!r}"
                 for field in sorted(set(old) | set(new)) if old.get(field) != new.get(field)]
     else:
@@ -116,12 +136,16 @@ class Checkpointer:
   """Saves and restores one attack's progress in `directory` (the latest checkpoint is kept).
 
   A checkpoint of a different attack (another config, clip shape, key, labels, shared update or
-  references) is refused with a ValueError naming what differs; it is never overwritten. One
-  written before a config field existed resumes if the field has its default value.
+  references; another objective or any of its hashed arrays) is refused with a ValueError naming
+  what differs; it is never overwritten. One written before a config field existed resumes if
+  the field has its default value.
   """
 
-  def __init__(self, directory: str, description: dict[str, Any]):
+  def __init__(self, directory: str, description: dict[str, Any], defaults: Any = None):
+    """`defaults`: the config (dataclass) whose values fill in fields that an older checkpoint's
+    description lacks; None = `AttackConfig()`."""
     self.directory, self.description = os.path.abspath(directory), description  # orbax needs abs
+    self._defaults = _config_json(AttackConfig() if defaults is None else defaults)
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         max_to_keep=1, cleanup_tmp_directories=True))
 
@@ -139,7 +163,7 @@ class Checkpointer:
       return None
     meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
     saved = meta.get("description", {})
-    differ = ", ".join(_differences(saved, self.description))
+    differ = ", ".join(_differences(saved, self.description, self._defaults))
     if differ:
       raise ValueError(f"{self.directory} holds a checkpoint of a different attack (differs: "
                        f"{differ}): rerun the command that wrote it to resume it, or delete "

@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
 from vidleak_jax.attack import checkpoint
 from vidleak_jax.attack.config import AttackConfig
+from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, drive
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
 from vidleak_jax.attack.objectives import leaf_paths
-from vidleak_jax.attack.sharding import candidate_mesh, place_state, shard_candidates
 from vidleak_jax.types import ApplyFn, Grads, Params
 
-# progress(step_done, total_steps, info) once before the first dispatch (step_done: the step the
-# attack starts or resumes from) and after every dispatch. info: "loss" (best objective so far),
-# "objective_mean" (mean over restarts at step_done), "grad_match" (gradient-matching term of the
-# restart best at step_done), "resumed_from" (the step this call of `reconstruct` started at),
-# "compile_s" (after dispatches: the seconds spent compiling before the first one).
-ProgressFn = Callable[[int, int, dict[str, float]], None]
-MAX_SNAPSHOTS = 32
+__all__ = ["MAX_SNAPSHOTS", "ProgressFn", "Reconstruction", "reconstruct", "validate_clip_shape",
+           "validate_target_grads"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,50 +64,6 @@ def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[
   return shape
 
 
-def _fetch(tree):
-  """Host copies of arrays; arrays spread over several processes are gathered first."""
-  def fetch(a):
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-      return multihost_utils.process_allgather(a, tiled=True)
-    return np.asarray(jax.device_get(a))
-  return jax.tree.map(fetch, tree)
-
-
-def _stop_requested(should_stop: Callable[[], bool] | None) -> bool:
-  """Whether any process was asked to stop (all processes stop at the same dispatch).
-
-  Every process passes the same kind of `should_stop`; None (nothing can ask) needs no collective,
-  so attacks that run on one process only (e.g. the sr stage's simulations) never wait on others.
-  """
-  if should_stop is None:
-    return False
-  stop = bool(should_stop())
-  if jax.process_count() > 1:
-    stop = bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
-  return stop
-
-
-def _snapshot_dispatches(num_dispatches: int) -> set[int]:
-  """Evenly spaced dispatch indices (first and last included) whose best clips form the curve."""
-  count = min(MAX_SNAPSHOTS, num_dispatches)
-  return set(np.round(np.linspace(0, num_dispatches - 1, count)).astype(int).tolist())
-
-
-def _best_clips(attack, state: AttackState) -> tuple[float, np.ndarray]:
-  """(best objective so far, best clips so far [B,T,H,W,C]) over all restarts."""
-  losses, candidates = _fetch((state.best_loss, state.best_candidates))
-  best = int(np.argmin(losses))
-  return float(losses[best]), np.asarray(attack.decode(jnp.asarray(candidates[best])))
-
-
-def _log_point(chunk: dict[str, np.ndarray], rows: int, best_seen: float, start: int):
-  """The progress info of a dispatch whose metrics `chunk` are [log_every, R] ([:rows] ran)."""
-  last = {name: values[rows - 1] for name, values in chunk.items()}  # [R] at its last step
-  best = int(np.argmin(np.nan_to_num(last["loss"], nan=np.inf)))
-  return {"loss": best_seen, "objective_mean": float(np.mean(last["loss"])),
-          "grad_match": float(last["grad_match"][best]), "resumed_from": start}
-
-
 def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads, *,
                 clip_shape: tuple[int, ...], labels: jax.Array | None = None,
                 config: AttackConfig = AttackConfig(),
@@ -155,67 +103,21 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
                        references=None if references is None else jnp.asarray(references))
   state: AttackState = jax.jit(attack.init)(init_key)
   init_candidates = np.asarray(state.candidates)  # host copy: the state's buffers get donated
-  record, checkpointer = checkpoint.LoopRecord(), None
-  if checkpoint_dir is not None:
-    checkpointer = checkpoint.Checkpointer(checkpoint_dir, checkpoint.describe(
-        key, config, clip_shape, labels, target_grads, references))
-    restored = checkpointer.restore(state)
-    if restored is not None:
-      state, record = jax.tree.map(jnp.asarray, restored[0]), restored[1]
-      logging.info("attack resumed at step %d from %s", record.done, checkpoint_dir)
-  start_step, best_seen = record.done, record.best_objective()
-  if progress is not None:
-    progress(start_step, config.steps, {"loss": best_seen, "resumed_from": start_step})
-  if mesh == "auto":
-    mesh = candidate_mesh(config.restarts)
-  if mesh is not None:
-    attack, state = shard_candidates(attack, mesh), place_state(state, mesh)
-  donate = () if jax.default_backend() == "cpu" else (0,)
-  start = time.perf_counter()
-  run = jax.jit(attack.run, donate_argnums=donate).lower(state, jnp.int32(0)).compile()
-  compile_s = time.perf_counter() - start  # ahead of time: one executable for the whole loop
-  logging.info("attack step compiled in %.1fs", compile_s)
-  snapshot_at = _snapshot_dispatches(-(-config.steps // config.log_every))
-  try:
-    while record.done < config.steps:
-      dispatch, rows = record.done // config.log_every, min(config.log_every,
-                                                            config.steps - record.done)
-      state, metrics = run(state, jnp.int32(config.steps - record.done))
-      record.chunks.append(_fetch(metrics))
-      record.done += rows
-      best_seen = min(best_seen, float(np.nanmin(record.chunks[-1]["loss"])))
-      if dispatch in snapshot_at and record.done < config.steps:  # the last one: the result
-        objective, clips = _best_clips(attack, state)
-        record.snapshot_steps.append(record.done)
-        record.snapshot_objectives.append(objective)
-        record.snapshots.append(clips)
-      if progress is not None:  # before saving: a checkpoint never runs ahead of the log
-        progress(record.done, config.steps,
-                 {**_log_point(record.chunks[-1], rows, best_seen, start_step),
-                  "compile_s": compile_s})
-      stop = record.done < config.steps and _stop_requested(should_stop)  # done: keep result
-      if checkpointer is not None and (stop or (
-          (dispatch + 1) % checkpoint_every == 0 and record.done < config.steps)):
-        checkpointer.save(_fetch(state), record)
-      if stop:
-        where = (f"progress saved in {checkpoint_dir}: run it again to resume" if checkpointer
-                 else "no checkpoint_dir, progress lost")
-        raise checkpoint.AttackInterrupted(
-            f"attack stopped at step {record.done}/{config.steps}; {where}")
-  finally:
-    if checkpointer is not None:
-      checkpointer.close()
-  state = jax.jit(attack.finalize)(state)
-  losses, candidates = _fetch((state.best_loss, state.best_candidates))
-  best = int(np.argmin(losses))
-  history = {k: v[: config.steps] for k, v in record.history().items()}
-  clips = attack.decode(jnp.asarray(candidates[best]))
-  snapshot_steps = np.asarray([*record.snapshot_steps, config.steps], np.int64)
-  snapshot_objectives = np.asarray([*record.snapshot_objectives, losses[best]], np.float32)
-  snapshots = np.stack([*record.snapshots, np.asarray(clips)]).astype(np.float32)
-  return Reconstruction(clips=clips, labels=labels,
-                        loss=float(losses[best]), restart_losses=losses, best_restart=best,
+  identity = None if checkpoint_dir is None else checkpoint.describe(
+      key, config, clip_shape, labels, target_grads, references)
+  done = drive(attack, state, config, identity=identity, progress=progress, mesh=mesh,
+               checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+               should_stop=should_stop,
+               snapshot=lambda candidate: attack.decode(jnp.asarray(candidate)))
+  best, loss = done.best_restart, float(done.restart_losses[done.best_restart])
+  clips = attack.decode(jnp.asarray(done.best_candidate))
+  snapshot_steps = np.asarray([*done.snapshot_steps, config.steps], np.int64)
+  snapshot_objectives = np.asarray([*done.snapshot_objectives, loss], np.float32)
+  snapshots = np.stack([*done.snapshots, np.asarray(clips)]).astype(np.float32)
+  return Reconstruction(clips=clips, labels=labels, loss=loss,
+                        restart_losses=done.restart_losses, best_restart=best,
                         init_clips=np.asarray(attack.decode(init_candidates[best])),
-                        compile_s=compile_s, history=history, snapshot_steps=snapshot_steps,
-                        snapshot_objectives=snapshot_objectives, snapshots=snapshots,
-                        clips_lowres=np.asarray(attack.lowres(candidates[best])))
+                        compile_s=done.compile_s, history=done.history,
+                        snapshot_steps=snapshot_steps, snapshot_objectives=snapshot_objectives,
+                        snapshots=snapshots,
+                        clips_lowres=np.asarray(attack.lowres(done.best_candidate)))
