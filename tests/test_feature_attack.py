@@ -3,9 +3,14 @@ entry point (closed-form stage 1: test_analytic.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +254,94 @@ def test_the_attack_gets_the_references_whenever_it_uses_them(tmp_path):
     assert (got is not None) == given, (init, param)
     if given:
       np.testing.assert_array_equal(got, refs)
+
+
+def _conv1d_matching(config: fa.StageConfig, start=None, **kwargs) -> fa.Recovered:
+  """Feature matching on a conv1d head (seed-3 features), from `start` (default 0.5)."""
+  features = _features(seed=3)
+  _, head_apply, params, grads = _shared("conv1d", features)
+  start = jnp.full_like(features, 0.5) if start is None else start
+  return fa.match_features(head_apply, params, grads, LABELS, start, config, **kwargs)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "map"])
+def test_batched_restarts_equal_separate_runs_from_the_same_starts(batching):
+  config = fa.StageConfig(optimizer="adam", lr=0.05, steps=20, log_every=8, restarts=3,
+                          batching=batching, map_batch_size=2)  # "map": a pair, then one
+  key, start = jax.random.key(0), jnp.full_like(_features(), 0.5)
+  seen = []
+  batched = _conv1d_matching(config, key=key, progress=lambda *a: seen.append(a[:2]))
+  assert seen == [(0, 20), (8, 20), (16, 20), (20, 20)]
+  assert batched.restart_losses.shape == (3,) and batched.history.shape == (20,)
+  single = dataclasses.replace(config, restarts=1)
+  separate = [_conv1d_matching(single, point) for point in fa.restart_points(key, start, config)]
+  np.testing.assert_allclose(batched.restart_losses, [s.loss for s in separate], rtol=1e-5)
+  best = int(np.argmin(batched.restart_losses))
+  assert batched.loss == float(batched.restart_losses[best])
+  np.testing.assert_allclose(batched.value, separate[best].value, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(batched.history, separate[best].history, rtol=1e-5)
+
+
+def test_feature_checkpoints_of_other_settings_or_stages_are_refused(tmp_path):
+  config = fa.StageConfig(steps=8, log_every=2, restarts=2)
+  directory = str(tmp_path / "ckpt")
+  with pytest.raises(vl.attack.AttackInterrupted, match="feature matching stopped at step 2/8"):
+    _conv1d_matching(config, key=jax.random.key(0), checkpoint_dir=directory,
+                     should_stop=lambda: True)
+  assert os.listdir(directory) == ["2"]
+  with pytest.raises(ValueError, match=r"different attack \(differs: metric 'l2' -> 'cosine'\)"):
+    _conv1d_matching(dataclasses.replace(config, metric="cosine"), key=jax.random.key(0),
+                     checkpoint_dir=directory)
+  with pytest.raises(ValueError, match=r"differs: starts_sha256\)"):
+    _conv1d_matching(config, key=jax.random.key(1), checkpoint_dir=directory)
+  extract = lambda x: x.reshape(x.shape[0], x.shape[1], -1)
+  with pytest.raises(ValueError, match=r"differs: .*objective"):
+    fa.invert_features(extract, jnp.zeros((1, 2, 12)), jnp.full((1, 2, 2, 2, 3), 0.5),
+                       dataclasses.replace(config, restarts=1), checkpoint_dir=directory)
+  assert os.listdir(directory) == ["2"]  # refused, left untouched
+
+
+RESUMABLE = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from vidleak_jax.attack import features as fa
+    from tests.test_feature_attack import RESUMABLE_CONFIG, _conv1d_matching
+    import jax
+    seen = []
+    def progress(done, total, info):
+      seen.append(info["resumed_from"])
+      time.sleep(0.2)  # slow enough to be killed mid-way
+    found = _conv1d_matching(RESUMABLE_CONFIG, key=jax.random.key(0), progress=progress,
+                             checkpoint_dir=sys.argv[1])
+    np.savez(sys.argv[2], value=np.asarray(found.value), loss=found.loss, history=found.history,
+             restart_losses=found.restart_losses)
+    print("resumed_from", seen[0])
+""")
+RESUMABLE_CONFIG = fa.StageConfig(steps=60, log_every=3, restarts=3)
+
+
+@pytest.mark.slow
+def test_sigkilled_feature_matching_resumes_to_the_uninterrupted_result(tmp_path):
+  def start(name):
+    return subprocess.Popen([sys.executable, "-c", RESUMABLE, str(tmp_path / name),
+                             str(tmp_path / f"{name}.npz")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+  def finish(proc):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return int(out.split()[-1])
+
+  assert finish(start("uninterrupted")) == 0
+  killed, deadline = start("run"), time.monotonic() + 600
+  while not [n for n in os.listdir(tmp_path) if n == "run"] or not [
+      n for n in os.listdir(tmp_path / "run") if n.isdigit()]:
+    assert killed.poll() is None and time.monotonic() < deadline, killed.stderr.read()[-3000:]
+    time.sleep(0.02)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait(timeout=600)
+  assert killed.returncode == -signal.SIGKILL
+  assert 0 < finish(start("run")) < RESUMABLE_CONFIG.steps  # resumed mid-way
+  got, expected = (np.load(tmp_path / f"{name}.npz") for name in ("run", "uninterrupted"))
+  for name in ("value", "loss", "history", "restart_losses"):
+    np.testing.assert_array_equal(got[name], expected[name], err_msg=name)

@@ -11,22 +11,28 @@ Stage 2 `invert_features` recovers frames: optimise clips so extractor(clips) 鈮
 and temporal TV priors, from gray or from the attacker's reference frames.
 End to end, the pixels are optimised through extractor + head against the head's gradient: that is
 `attack.reconstruct` with `heads.feature_victim`'s apply_fn, nothing new.
+Both stages run on the frame attack's core (`engine.make_optimisation`, `driver.drive`): batched
+restarts, progress, checkpoint/resume, stop requests and mesh sharding work the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from scipy.optimize import linear_sum_assignment
 
-from vidleak_jax.attack.objectives import gradient_matching_loss
-from vidleak_jax.attack.optimizers import make_optimizer
+from vidleak_jax.attack import checkpoint
+from vidleak_jax.attack.config import BATCHING
+from vidleak_jax.attack.driver import ProgressFn, drive
+from vidleak_jax.attack.engine import make_optimisation
+from vidleak_jax.attack.objectives import DISTANCES, gradient_matching_loss
+from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
 from vidleak_jax.attack.priors import tv_spatial, tv_temporal
+from vidleak_jax.settings import check, setting, validate_fields
 from vidleak_jax.types import ApplyFn, Grads, Params
 
 Objective = Callable[[jax.Array], jax.Array]
@@ -36,65 +42,59 @@ Objective = Callable[[jax.Array], jax.Array]
 class StageConfig:
   """Optimisation settings of one feature-attack stage (optimizer/schedule: registry names)."""
 
-  optimizer: str = "lbfgs"
-  lr: float = 0.1
-  schedule: str = "constant"
-  steps: int = 300
-  metric: str = "l2"  # stage 1 only: gradient-matching distance
-  tv_spatial: float = 0.0  # stage 2 only
-  tv_temporal: float = 0.0  # stage 2 only
-  restarts: int = 1  # stage 1 only: starts optimised at once (vmap), the best objective wins
-  restart_noise: float = 0.5  # stage 1 only: restart r > 0 starts at init路(1 + noise路N(0, 1))
+  optimizer: str = setting("lbfgs", help="Optimizer of the stage.", choices=OPTIMIZERS.names)
+  lr: float = setting(0.1, help="Learning rate (lbfgs: its line search sets the step).")
+  schedule: str = setting("constant", help="Learning-rate schedule.", choices=SCHEDULES.names)
+  steps: int = setting(300, help="Optimisation steps.")
+  metric: str = setting("l2", help="Stage 1: gradient-matching distance.",
+                        choices=DISTANCES.names)
+  tv_spatial: float = setting(0.0, help="Stage 2: weight of the spatial TV prior.")
+  tv_temporal: float = setting(0.0, help="Stage 2: weight of the temporal TV prior.")
+  restarts: int = setting(1, help="Stage 1: starts optimised as one batch; the best objective "
+                                  "wins.")
+  restart_noise: float = setting(0.5, help="Stage 1: restart r > 0 starts at "
+                                           "init*(1 + noise*N(0, 1)).")
+  log_every: int = setting(25, help="Steps per dispatch / progress and checkpoint interval.")
+  batching: str = setting("vmap", help="How restarts are batched in the jitted step: all at "
+                                       "once (vmap), lax.map over groups (map), auto: map on "
+                                       "CPU, vmap on accelerators.", choices=BATCHING)
+  map_batch_size: int = setting(0, help="With batching=map: restarts vmapped together per "
+                                        "lax.map step (0 = auto).")
 
   def __post_init__(self):
-    if self.steps < 1 or not self.lr > 0:
-      raise ValueError(f"steps must be >= 1 and lr > 0, got {self.steps}, {self.lr}")
-    if self.restarts < 1 or self.restart_noise < 0:
-      raise ValueError(f"restarts must be >= 1 and restart_noise >= 0, got {self.restarts}, "
-                       f"{self.restart_noise}")
-    if self.tv_spatial < 0 or self.tv_temporal < 0:
-      raise ValueError("tv_spatial and tv_temporal must be >= 0")
+    validate_fields(self)
+    for field in ("steps", "restarts", "log_every"):
+      check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+    check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")  # also rejects NaN
+    for field in ("restart_noise", "tv_spatial", "tv_temporal", "map_batch_size"):
+      check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Recovered:
-  """Best point found [B,...], its objective, the objective per step [steps]."""
+  """Best point found [B,...], its objective, the objective per step [steps] (of the winning
+  restart), and the best objective of every restart [R]."""
 
   value: jax.Array
   loss: float
   history: np.ndarray
+  restart_losses: np.ndarray
 
 
-def optimise(objective: Objective, x0: jax.Array, config: StageConfig, *,
-             box: tuple[float, float] | None = None) -> Recovered:
-  """Minimises `objective` from x0 with the configured optax optimizer in one jitted scan;
-  x0 [R, ...] with `restarts` > 1 starts R optimisations at once and keeps the best."""
-  opt = make_optimizer(config.optimizer, config.lr, config.schedule, config.steps)
-
-  def step(carry, _):
-    x, state, best_x, best = carry
-    value, grad = jax.value_and_grad(objective)(x)
-    with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
-      updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=objective)
-    better = value < best
-    best_x, best = jnp.where(better, x, best_x), jnp.where(better, value, best)
-    x = optax.apply_updates(x, updates)
-    if box is not None:
-      x = jnp.clip(x, *box)
-    return (x, state, best_x, best), value
-
-  def run(x0):
-    carry = (x0, opt.init(x0), x0, jnp.asarray(jnp.inf, jnp.float32))
-    (x, _, best_x, best), history = jax.lax.scan(step, carry, None, length=config.steps)
-    last = objective(x)  # the final point is scored too
-    return jnp.where(last < best, x, best_x), jnp.minimum(last, best), history
-
-  if config.restarts == 1:
-    best_x, best, history = jax.jit(run)(x0)
-    return Recovered(best_x, float(best), np.asarray(history))
-  best_x, best, history = jax.jit(jax.vmap(run))(x0)
-  winner = int(jnp.nanargmin(best))
-  return Recovered(best_x[winner], float(best[winner]), np.asarray(history[winner]))
+def _minimise(name: str, objective: Callable, starts: jax.Array, config: StageConfig, *,
+              project: Callable | None = None, decode: Callable | None = None,
+              identity: dict[str, Any], checkpoint_dir: str | None, **run: Any) -> Recovered:
+  """Minimises `objective` (x -> (loss, metrics)) from `starts` [R,...] with `driver.drive`;
+  the checkpoint identity is the stage `name`, `config`, `starts` and the arrays of `identity`."""
+  attack = make_optimisation(objective, lambda _: starts, config, project=project, decode=decode)
+  description = None if checkpoint_dir is None else checkpoint.describe_objective(
+      name, config, starts=starts, **identity)
+  done = drive(attack, attack.init(None), config, identity=description,  # starts need no key
+               name=name.replace("_", " "), checkpoint_dir=checkpoint_dir, **run)
+  best = done.best_restart
+  return Recovered(attack.decode(jnp.asarray(done.best_candidate)),
+                   float(done.restart_losses[best]), np.array(done.history["loss"][:, best]),
+                   done.restart_losses)
 
 
 def feature_matching_objective(head_apply: ApplyFn, params: Params, target_grads: Grads,
@@ -103,29 +103,48 @@ def feature_matching_objective(head_apply: ApplyFn, params: Params, target_grads
   return lambda f: gradient_matching_loss(head_apply, params, target_grads, f, labels, metric)
 
 
+def restart_points(key: jax.Array | None, init: jax.Array, config: StageConfig) -> jax.Array:
+  """Starting points [R,...]: restart 0 at `init`, restart r > 0 at init路(1 + restart_noise路N(0,
+  1)) elementwise (from `key`, needed when R > 1)."""
+  if config.restarts == 1:
+    return init[None]
+  if key is None:
+    raise ValueError("match_features with restarts > 1 needs a key")
+  noise = jax.random.normal(key, (config.restarts - 1, *init.shape), init.dtype)
+  return jnp.concatenate([init[None], init * (1.0 + config.restart_noise * noise)])
+
+
 def match_features(head_apply: ApplyFn, params: Params, target_grads: Grads, labels: jax.Array,
                    init: jax.Array, config: StageConfig = StageConfig(), *,
                    key: jax.Array | None = None,
-                   decode: Callable[[jax.Array], jax.Array] | None = None) -> Recovered:
+                   decode: Callable[[jax.Array], jax.Array] | None = None,
+                   progress: ProgressFn | None = None, checkpoint_dir: str | None = None,
+                   checkpoint_every: int = 1, should_stop: Callable[[], bool] | None = None,
+                   mesh: jax.sharding.Mesh | None | str = None) -> Recovered:
   """Stage 1 by gradient matching: features [B,T,D] from `init` whose head gradient matches.
 
   With `decode`, the variable is a code z (`init` is z's start) and the features are decode(z)
   (e.g. coefficients in the span the gradient allows, `analytic.input_span`); the result holds
   the decoded features. With `config.restarts` = R > 1, restart 0 starts at `init` and the others
   at `init` scaled by 1 + restart_noise路N(0, 1) elementwise (from `key`); the best objective wins.
+  progress / checkpoint_dir / checkpoint_every / should_stop / mesh: as in `reconstruct` (a
+  checkpoint of another objective, config, start, head, labels or shared update is refused);
+  mesh None keeps everything on the default device.
   """
   matching = feature_matching_objective(head_apply, params, target_grads, labels, config.metric)
-  objective = matching if decode is None else (lambda z: matching(decode(z)))
-  init = jnp.asarray(init, jnp.float32)
-  if config.restarts == 1:
-    found = optimise(objective, init, config)
-  else:
-    if key is None:
-      raise ValueError("match_features with restarts > 1 needs a key")
-    noise = jax.random.normal(key, (config.restarts - 1, *init.shape), init.dtype)
-    starts = jnp.concatenate([init[None], init * (1.0 + config.restart_noise * noise)])
-    found = optimise(objective, starts, config)
-  return found if decode is None else dataclasses.replace(found, value=decode(found.value))
+  code = (lambda f: f) if decode is None else decode
+
+  def objective(z: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    loss = matching(code(z))
+    return loss, {"grad_match": loss}
+
+  starts = restart_points(key, jnp.asarray(init, jnp.float32), config)
+  identity = {} if checkpoint_dir is None else {
+      "labels": jnp.asarray(labels), "params": params, "target_grads": target_grads,
+      "decoded_start": None if decode is None else decode(starts[0])}
+  return _minimise("feature_matching", objective, starts, config, decode=decode,
+                   identity=identity, progress=progress, checkpoint_dir=checkpoint_dir,
+                   checkpoint_every=checkpoint_every, should_stop=should_stop, mesh=mesh)
 
 
 def feature_inversion_objective(extract: Callable[[jax.Array], jax.Array], target: jax.Array,
@@ -145,10 +164,24 @@ def feature_inversion_objective(extract: Callable[[jax.Array], jax.Array], targe
 
 
 def invert_features(extract: Callable[[jax.Array], jax.Array], target: jax.Array,
-                    init_clips: jax.Array, config: StageConfig = StageConfig()) -> Recovered:
-  """Stage 2: clips [B,T,H,W,C] in [0, 1], from `init_clips`, whose features match `target`."""
+                    init_clips: jax.Array, config: StageConfig = StageConfig(), *,
+                    progress: ProgressFn | None = None, checkpoint_dir: str | None = None,
+                    checkpoint_every: int = 1, should_stop: Callable[[], bool] | None = None,
+                    mesh: jax.sharding.Mesh | None | str = None) -> Recovered:
+  """Stage 2: clips [B,T,H,W,C] in [0, 1], from `init_clips`, whose features match `target`.
+
+  One start (`config.restarts` is stage 1's). progress / checkpoint_dir / checkpoint_every /
+  should_stop / mesh: as in `match_features` (the checkpoint identity holds the target and the
+  start, not the extractor's weights).
+  """
   objective = feature_inversion_objective(extract, jnp.asarray(target, jnp.float32), config)
-  return optimise(objective, jnp.asarray(init_clips, jnp.float32), config, box=(0.0, 1.0))
+  config = dataclasses.replace(config, restarts=1)
+  starts = jnp.asarray(init_clips, jnp.float32)[None]
+  identity = {} if checkpoint_dir is None else {"target": jnp.asarray(target, jnp.float32)}
+  return _minimise("feature_inversion", lambda x: (objective(x), {}), starts, config,
+                   project=lambda x: jnp.clip(x, 0.0, 1.0), identity=identity,
+                   progress=progress, checkpoint_dir=checkpoint_dir,
+                   checkpoint_every=checkpoint_every, should_stop=should_stop, mesh=mesh)
 
 
 def match_features_to_truth(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
