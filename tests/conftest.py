@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -24,6 +26,17 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 VICTIM_NAMES = ("c3d", "frame_cnn", "cnn_rnn")
 TINY = dict(frames=4, height=16, width=16, channels=3)
+
+
+def run_main(*args: str, cwd: str = ROOT, env: dict | None = None, popen: bool = False,
+                **popen_kwargs):
+  """`python -m experiments.main *args` in a subprocess: the finished process (text output), or
+  the running Popen when `popen`."""
+  cmd = [sys.executable, "-m", "experiments.main", *args]
+  if popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, **popen_kwargs)
+  return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                        check=False)
 
 
 @functools.lru_cache(maxsize=None)

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import vidleak_jax as vl
-from tests.test_main import _main
+from tests.conftest import run_main as _main
 from vidleak_jax import report
 from vidleak_jax.fl.captured import load_update
 from vidleak_jax.tree_io import flatten_tree

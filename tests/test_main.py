@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_main
 
 
-def _main(*args, cwd=ROOT):
-  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=600)
+_main = run_main
 
 
 def test_tiny_preset_runs_end_to_end(tmp_path):

@@ -307,3 +307,34 @@ def test_sharded_attack_resumes_on_its_mesh(tmp_path):
   proc = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+FEATURE_RUN = ["--flagfile=experiments/flags/tiny.flags", "--pipeline=features",
+               "--extractor=resnet_small", "--head=linear", "--clip_shape=2,16,16,3",
+               "--pretrain_steps=2", "--pretrain_clips=4", "--pretrain_batch=2",
+               "--match_steps=300", "--match_log_every=10", "--match_restarts=2",
+               "--invert_steps=5", "--quiet"]
+
+
+@pytest.mark.slow
+def test_killed_feature_matching_stage_resumes_to_the_uninterrupted_result(tmp_path):
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  _run([sys.executable, "-m", "experiments.main", *FEATURE_RUN, f"--workdir={whole}"])
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.main", *FEATURE_RUN,
+                           f"--workdir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  stage1, deadline = killed / "checkpoints" / "stage1", time.monotonic() + 600
+  while not (stage1.is_dir() and any(n.isdigit() for n in os.listdir(stage1))):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait(timeout=600)
+  rerun = _run([sys.executable, "-m", "experiments.main", *FEATURE_RUN, f"--workdir={killed}"])
+  assert "resumed at step" in rerun.stderr
+  assert not (killed / "checkpoints").exists()  # removed once reconstruction.npz is written
+  got, expected = (vl.report.load_npz(w / "reconstruction.npz") for w in (killed, whole))
+  for key in ("features", "history_features", "clips", "loss"):
+    np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+  lines = (killed / "metrics_stage1.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == list(range(10, 301, 10))

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ from absl import flags
 from experiments import config_flags
 from experiments import sweep as sweep_cli
 from vidleak_jax import sweep
-from tests.conftest import ROOT
+from tests.conftest import run_main
 
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9_.+=,~-]+")
@@ -104,11 +103,8 @@ def test_flag_overrides_apply_inside_and_restore_after():
 
 
 def _main(*args, env=None, **popen):
-  cmd = [sys.executable, "-m", "experiments.main", "--flagfile=experiments/flags/tiny.flags",
-         "--quiet", *args]
-  if popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return run_main("--flagfile=experiments/flags/tiny.flags", "--quiet", *args, env=env,
+                  popen=bool(popen), **popen)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, drive
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
-from vidleak_jax.attack.objectives import leaf_paths
+from vidleak_jax.tree_io import validate_target_grads
 from vidleak_jax.types import ApplyFn, Grads, Params
 
 __all__ = ["MAX_SNAPSHOTS", "ProgressFn", "Reconstruction", "reconstruct", "validate_clip_shape",
@@ -38,21 +38,6 @@ class Reconstruction:
   snapshot_objectives: np.ndarray  # [S] best objective so far
   snapshots: np.ndarray  # [S,B,T,H,W,C] best clips so far (of the best restart)
   clips_lowres: np.ndarray | None = None  # [B,T,H/s,W/s,C] at the attack's resolution
-
-
-def validate_target_grads(params: Params, target_grads: Grads) -> None:
-  """Raises ValueError unless `target_grads` has params' structure, shapes, and finite values."""
-  p_paths, g_paths = leaf_paths(params), leaf_paths(target_grads)
-  if p_paths != g_paths:
-    missing = sorted(set(p_paths) - set(g_paths))[:5]
-    extra = sorted(set(g_paths) - set(p_paths))[:5]
-    raise ValueError(f"target_grads does not match the model's parameters: missing {missing}, "
-                     f"unexpected {extra}")
-  for path, p, g in zip(p_paths, jax.tree.leaves(params), jax.tree.leaves(target_grads)):
-    if jnp.shape(p) != jnp.shape(g):
-      raise ValueError(f"target_grads[{path!r}] has shape {jnp.shape(g)}, expected {jnp.shape(p)}")
-    if not np.all(np.isfinite(np.asarray(g))):
-      raise ValueError(f"target_grads[{path!r}] contains NaN or Inf values")
 
 
 def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[int, ...]:

@@ -6,7 +6,8 @@ of the restart best at that step), `wall_s` (attack time so far, summed over res
 `eta_s`. `<workdir>/tb/` gets the objectives as TensorBoard scalars (`tensorboard --logdir
 <workdir>/tb`). A resumed attack first cuts both back to the step it resumes from, so no log point
 appears twice or goes missing. Lines are appended whole; one cut short by a killed process is
-dropped on resume.
+dropped on resume. An optimisation named other than "attack" (the feature pipeline's stages)
+logs to `metrics_<name>.jsonl` and `tb/<name>/`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,12 @@ class AttackLog:
   only) metrics.jsonl and TensorBoard events in `workdir`. Use as a context manager; while open,
   orbax's INFO log lines are dropped."""
 
-  def __init__(self, workdir: str, *, quiet: bool = False, write: bool = True):
-    self._jsonl = os.path.join(workdir, JSONL)
-    self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
+  def __init__(self, workdir: str, *, quiet: bool = False, write: bool = True,
+               name: str = "attack"):
+    own = name != "attack"
+    self._name = name
+    self._jsonl = os.path.join(workdir, f"metrics_{name}.jsonl" if own else JSONL)
+    self._tb_dir = os.path.join(workdir, TENSORBOARD_DIR, *([name] if own else []))
     self._quiet, self._write = quiet, write
     self._bar = self._file = self._tb = None
     self._clock = time.perf_counter()
@@ -68,7 +72,7 @@ class AttackLog:
   def _begin(self, start: int, total: int) -> None:
     """Opens the outputs at the step the attack starts from, dropping log points after it."""
     self._start_step = start
-    self._bar = tqdm(total=total, initial=start, desc="attack", unit="step",
+    self._bar = tqdm(total=total, initial=start, desc=self._name, unit="step",
                      disable=self._quiet, dynamic_ncols=True)
     if not self._write:
       return
@@ -90,8 +94,8 @@ class AttackLog:
     elapsed = time.perf_counter() - self._clock
     running = max(elapsed - info.get("compile_s", 0.0), 1e-9)  # the steps' time, not compiling
     eta = running / (done - self._start_step) * (total - done)
-    logging.log_every_n_seconds(logging.INFO, "attack step %d/%d  loss %.5g  eta %.0fs", 10,
-                                done, total, info["loss"], eta)
+    logging.log_every_n_seconds(logging.INFO, "%s step %d/%d  loss %.5g  eta %.0fs", 10,
+                                self._name, done, total, info["loss"], eta)
     if self._write:
       self._log(done, info, wall=self._wall_offset + elapsed, eta=eta)
 
