@@ -1,4 +1,4 @@
-"""What the entry points share about absl flags: the settings that say nothing about an experiment."""
+"""What the entry points share about absl flags: those that say nothing about an experiment."""
 
 from __future__ import annotations
 

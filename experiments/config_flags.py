@@ -1,4 +1,4 @@
-"""Command-line flags generated from the run's config dataclasses, and the config built back from them.
+"""Command-line flags generated from the run's config dataclasses, and the config built from them.
 
 Every field of `RunConfig` and its nested configs that is declared with `vidleak_jax.settings.
 setting(...)` becomes one flag: its name (the section's prefix + the field name, or a rename kept

@@ -1,4 +1,4 @@
-"""The settings of one run (`RunConfig`, `FeatureConfig`) and the stage list, validated in one place.
+"""The settings of one run (`RunConfig`, `FeatureConfig`) and the stage list, validated once.
 
 `experiments.main` fills these from flags (generated from the fields' `setting` declarations); a
 library user builds them directly. Invalid values raise `settings.InvalidSetting` (a ValueError;

@@ -1,5 +1,5 @@
-"""The `eval` stage: the reconstruction scored against the client's private batch (ground truth enters
-only here) into metrics.json, truth.png, reconstruction.png and comparison.gif."""
+"""The `eval` stage: the reconstruction scored against the client's private batch (ground truth
+enters only here) into metrics.json, truth.png, reconstruction.png and comparison.gif."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The feature pipeline's attack (`pipeline="features"`, `FeatureConfig.attack`) and its eval metrics.
+"""The feature pipeline's attack (`pipeline="features"`, `FeatureConfig.attack`) and its metrics.
 
   analytic     stage 1 in closed form from the first dense layer's gradient (linear/MLP heads;
                at B > 1 the clips that some unit sees alone), stage 2
@@ -24,8 +24,7 @@ import numpy as np
 from absl import logging
 
 from vidleak_jax import attack
-from vidleak_jax.attack import analytic
-from vidleak_jax.attack import checkpoint
+from vidleak_jax.attack import analytic, checkpoint
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.attack.engine import init_candidates
 from vidleak_jax.pipeline import rundir
@@ -36,9 +35,9 @@ from vidleak_jax.types import Grads
 
 
 def init_clips(key: jax.Array, references: np.ndarray | None, clip_shape) -> np.ndarray:
-  """Stage-1/2 start [B,T,H,W,C]: the references' median frame (attack.init 'reference'), else mid-gray,
-  plus small noise of each clip's own, so clips with the same label do not stay identical under
-  identical gradients."""
+  """Stage-1/2 start [B,T,H,W,C]: the references' median frame (attack.init "reference"), else
+  mid-gray, plus small noise of each clip's own, so clips with the same label do not stay
+  identical under identical gradients."""
   kind, refs = ("gray", None) if references is None else ("reference", jnp.asarray(references))
   return np.asarray(init_candidates(key, (1, *clip_shape), kind, refs)[0])
 
@@ -48,7 +47,7 @@ def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips
   """Recovered features [B,T,D] and their stage-1 objective history."""
   fc, head = cfg.features, victim.head
   start = jax.jit(victim.extract)(jnp.asarray(init_clips))
-  if fc.attack == "analytic":  # an MLPHead (`validate`)
+  if fc.attack == "analytic":  # an MLPHead (RunConfig checks)
     found, count = analytic.closed_form_features(shared, head, start)
     logging.info("stage 1 (analytic): %d of %d clip(s) recovered in closed form", count,
                  len(start))
@@ -59,7 +58,7 @@ def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips
                     "the attack's starting point as much as the leak", cfg.batch_size,
                     cfg.num_classes)
   decode = None
-  if fc.attack == "subspace":  # an MLPHead (`validate`)
+  if fc.attack == "subspace":  # an MLPHead (RunConfig checks)
     start, decode = analytic.span_code(shared, head, start)
   with _tracked(cfg, "stage1") as tracking:
     found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels,

@@ -1,4 +1,5 @@
-"""Runs the selected stages of one run in order (`run`), alone or across `jax.distributed` processes."""
+"""Runs the selected stages of one run in order (`run`), alone or across `jax.distributed`
+processes."""
 
 from __future__ import annotations
 
