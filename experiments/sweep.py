@@ -97,7 +97,10 @@ def resolve_shard(shard_text: str | None, process_id: int | None,
                   num_processes: int | None) -> tuple[int, int]:
   """--sweep_shard=i/n, else the multi-host --process_id/--num_processes, else all points."""
   if shard_text:
-    return sweep.parse_shard(shard_text)
+    try:
+      return sweep.parse_shard(shard_text)
+    except ValueError as e:
+      raise ValueError(f"--sweep_shard: {e}") from None
   if num_processes is not None and num_processes > 1:
     if process_id is None or process_id >= num_processes:
       raise ValueError(f"--process_id must be in [0, {num_processes}) to pick this process's "

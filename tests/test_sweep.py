@@ -60,7 +60,7 @@ def test_shards_cover_every_point_exactly_once_round_robin():
     assert all(s == points[i::n] for i, s in enumerate(shards))
   assert sweep.parse_shard("1/3") == (1, 3)
   for bad in ("2/2", "a/b", "-1/2", "1", "0/0"):
-    with pytest.raises(ValueError, match="--sweep_shard"):
+    with pytest.raises(ValueError, match="a shard is i/n"):
       sweep.parse_shard(bad)
 
 

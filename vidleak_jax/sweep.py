@@ -146,10 +146,10 @@ def expand(spec: SweepSpec) -> list[Point]:
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-  """'i/n' → (i, n) with 0 <= i < n; ValueError naming --sweep_shard otherwise."""
+  """'i/n' → (i, n) with 0 <= i < n; ValueError otherwise."""
   match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
   if not match or not int(match[1]) < int(match[2]):
-    raise ValueError(f"--sweep_shard expects i/n with 0 <= i < n (e.g. 0/2), got {text!r}")
+    raise ValueError(f"a shard is i/n with 0 <= i < n (e.g. 0/2), got {text!r}")
   return int(match[1]), int(match[2])
 
 
