@@ -35,7 +35,10 @@ def main(argv):
                         sweep.entry_point_flags(FLAGS, __name__))
     except attack.AttackInterrupted as e:  # SIGTERM: rerunning resumes the point and the sweep
       sys.exit(f"stopped: {e}")
-  config = config_flags.config_from_flags(FLAGS)
+  try:
+    config = config_flags.config_from_flags(FLAGS)
+  except app.UsageError as e:  # one line, without the help text
+    sys.exit(f"error: {e}")
   if FLAGS.coordinator_address:
     pipeline.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:

@@ -134,6 +134,9 @@ def run_sweep(flag_values: flags.FlagValues, config_from_flags: Callable[[], pip
     try:
       pipeline.run_or_reuse(config, flag_values=values,
                             hidden_settings=cli.housekeeping_flags(flag_values))
+    except pipeline.RunDirBusy as e:  # the same sweep started elsewhere runs it: split the work
+      logging.info("sweep point %s skipped: %s", point.point_id, e)
+      continue
     except (OSError, ValueError, KeyError) as e:
       raise ValueError(f"sweep point {point.point_id}: {e}") from None
     sweep.mark_finished(config.workdir, spec, point)

@@ -90,8 +90,19 @@ def _synthetic(key, batch_size, spec, num_classes, num_references) -> ClientBatc
                      [f"synthetic#{i}" for i in range(batch_size)])
 
 
+def _shipped_path(name: str) -> str:
+  videos = shipped.shipped_videos()
+  if name not in videos:
+    raise ValueError(f"data='shipped:{name}': no shipped clip {name!r}; valid: "
+                     f"{', '.join(videos)}")
+  return videos[name]
+
+
 def _list_videos(root: str) -> tuple[list[str], list[int], list[str]]:
   """(paths, labels, class names) of the videos under `root`; classes = sub-folders."""
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise ValueError(f"data folder {root!r} is a file, not a folder (for one video use "
+                     f"video:PATH)")
   if not os.path.isdir(root):
     raise ValueError(f"data folder {root!r} does not exist")
   subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -217,7 +228,7 @@ def load_client_batch(key: jax.Array, data: str, *, batch_size: int, spec: ClipS
       order = np.asarray(jax.random.permutation(batch_key, len(paths)))
       paths, labels = [paths[i] for i in order], [labels[i] for i in order]
     else:
-      paths = [shipped.shipped_videos()[args[0]] if kind == "shipped" else args[0]]
+      paths = [_shipped_path(args[0]) if kind == "shipped" else args[0]]
       labels = [0]
     batch = _from_videos(ref_key, paths, labels, batch_size, spec, num_references)
   if np.any(batch.labels >= num_classes):

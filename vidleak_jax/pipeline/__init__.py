@@ -15,9 +15,10 @@ from vidleak_jax.pipeline.config import (FEATURE_ATTACKS, MATMUL_PRECISIONS, PIP
                                          FeatureConfig, RunConfig)
 from vidleak_jax.pipeline.reuse import run_or_reuse
 from vidleak_jax.pipeline.run import init_distributed, run
-from vidleak_jax.settings import InvalidSetting
+from vidleak_jax.pipeline.rundir import RunDirBusy
 from vidleak_jax.pipeline.victim import build_victim
+from vidleak_jax.settings import InvalidSetting
 
 __all__ = ["FEATURE_ATTACKS", "MATMUL_PRECISIONS", "PIPELINES", "STAGES", "FeatureConfig",
-           "InvalidSetting", "RunConfig", "build_victim", "init_distributed", "run",
+           "InvalidSetting", "RunConfig", "RunDirBusy", "build_victim", "init_distributed", "run",
            "run_or_reuse"]

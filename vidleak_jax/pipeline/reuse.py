@@ -1,42 +1,22 @@
 """Run, or reuse a finished run with identical settings: what sweeps and studies call per run.
 
-A run made by `run_or_reuse` ends by writing `run.json` (atomically, after every other output)
-with its settings. A later call with the same settings returns that run's metrics without
+Every `run` ends by writing `run.json` (atomically, after every other output) with its
+settings. A later call with the same settings returns that run's metrics without
 touching a file; one with other settings is refused, naming what differs, so results of other
 settings are never passed off as this run's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any
 
 from absl import logging
 
-from vidleak_jax import io as vio
 from vidleak_jax.pipeline import rundir
 from vidleak_jax.pipeline.config import RunConfig
-from vidleak_jax.pipeline.run import run
-
-RUN_FILE = "run.json"
-# Settings that change how a run reports, not what it computes.
-OUTPUT_ONLY = ("workdir", "quiet", "checkpoint_every")
-
-
-def run_settings(cfg: RunConfig) -> dict[str, Any]:
-  """What decides a run's results: its config as JSON values, without output-only settings."""
-  settings = vio.to_jsonable(dataclasses.asdict(cfg))
-  return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in OUTPUT_ONLY}
-
-
-def _differences(done: Any, now: Any, prefix: str = "") -> list[str]:
-  if isinstance(done, dict) and isinstance(now, dict):
-    return [d for k in sorted(set(done) | set(now))
-            for d in _differences(done.get(k), now.get(k), f"{prefix}{k}.")]
-  return [] if done == now else [prefix.rstrip(".")]
-
+from vidleak_jax.pipeline.run import RUN_FILE, differences, run, run_settings
 
 def changed_settings(cfg: RunConfig) -> list[str] | None:
   """None if cfg.workdir holds no finished run; else the dotted names of the settings in which
@@ -46,7 +26,7 @@ def changed_settings(cfg: RunConfig) -> list[str] | None:
     return None
   with open(path, encoding="utf-8") as f:
     done = json.load(f)["settings"]
-  return _differences(done, run_settings(cfg))
+  return differences(done, run_settings(cfg))
 
 
 def run_or_reuse(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
@@ -65,7 +45,4 @@ def run_or_reuse(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
   if changed:
     raise ValueError(f"{cfg.workdir} holds a finished run with other settings "
                      f"({', '.join(changed[:5])}); delete it or use another workdir")
-  result = run(cfg, flag_values, hidden_settings=hidden_settings)
-  if rundir.is_writer():
-    vio.write_json(rundir.path(cfg, RUN_FILE), {"settings": run_settings(cfg)})
-  return result
+  return run(cfg, flag_values, hidden_settings=hidden_settings)

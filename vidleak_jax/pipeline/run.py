@@ -3,7 +3,9 @@ processes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
@@ -22,6 +24,12 @@ from vidleak_jax.pipeline.sr import stage_sr
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.report import html as html_report
 from vidleak_jax.settings import InvalidSetting
+
+
+SETTINGS_FILE = "settings.json"  # the run's settings, written before its first stage
+RUN_FILE = "run.json"  # the same, written after its last stage: the run is finished
+# Settings that change how a run reports, not what it computes.
+OUTPUT_ONLY = ("workdir", "quiet", "checkpoint_every")
 
 
 def init_distributed(coordinator_address: str, num_processes: int | None,
@@ -49,14 +57,53 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
       captured = captured_update.load_update(cfg.gradients, build_victim(cfg)[1])
     except ValueError as e:
       raise InvalidSetting("gradients", f"gradients={cfg.gradients!r}: {e}") from None
-  if rundir.is_writer():
-    os.makedirs(cfg.workdir, exist_ok=True)
-    vio.write_json(rundir.path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
-  with jax.default_matmul_precision(cfg.matmul_precision):
-    result = _run_stages(cfg, captured)
-  if "eval" in cfg.stages and rundir.is_writer():
-    logging.info("report: %s", html_report.write_run_report(cfg.workdir, hidden=hidden_settings))
+  with rundir.exclusive(cfg.workdir) if rundir.is_writer() else contextlib.nullcontext():
+    if rundir.is_writer():
+      _refuse_other_settings_while_in_progress(cfg)
+      vio.write_json(rundir.path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
+      vio.write_json(rundir.path(cfg, SETTINGS_FILE), run_settings(cfg))
+    with jax.default_matmul_precision(cfg.matmul_precision):
+      result = _run_stages(cfg, captured)
+    if _evaluates(cfg) and rundir.is_writer():
+      logging.info("report: %s", html_report.write_run_report(cfg.workdir,
+                                                               hidden=hidden_settings))
+    if rundir.is_writer():  # last: the run is finished (what `reuse` looks for)
+      vio.write_json(rundir.path(cfg, RUN_FILE), {"settings": run_settings(cfg)})
   return result
+
+
+def run_settings(cfg: RunConfig) -> dict[str, Any]:
+  """What decides a run's results: its config as JSON values, without output-only settings."""
+  settings = vio.to_jsonable(dataclasses.asdict(cfg))
+  return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in OUTPUT_ONLY}
+
+
+def differences(done: Any, now: Any, prefix: str = "") -> list[str]:
+  """Dotted names of the settings in which two `run_settings` differ (sorted)."""
+  if isinstance(done, dict) and isinstance(now, dict):
+    return [d for k in sorted(set(done) | set(now))
+            for d in differences(done.get(k), now.get(k), f"{prefix}{k}.")]
+  return [] if done == now else [prefix.rstrip(".")]
+
+
+def _refuse_other_settings_while_in_progress(cfg: RunConfig) -> None:
+  """ValueError, before anything is written, if cfg.workdir holds an unfinished run (its
+  checkpoints) of other settings: resuming it would mix two runs."""
+  settings_path = rundir.path(cfg, SETTINGS_FILE)
+  if not (os.path.isdir(rundir.path(cfg, "checkpoints")) and os.path.isfile(settings_path)):
+    return
+  with open(settings_path, encoding="utf-8") as f:
+    changed = [c for c in differences(json.load(f), run_settings(cfg)) if c != "stages"]
+  if changed:
+    raise InvalidSetting(changed[0], f"{cfg.workdir} holds an unfinished run with other settings "
+                         f"({', '.join(changed[:5])}); rerun it with its settings to resume, or "
+                         f"delete {rundir.path(cfg, 'checkpoints')} to start afresh")
+
+
+def _evaluates(cfg: RunConfig) -> bool:
+  """Whether the eval stage runs: selected, and the truth is the client's (not a captured update,
+  whose clips the run does not have)."""
+  return "eval" in cfg.stages and not cfg.gradients
 
 
 def _stage(cfg: RunConfig, name: str) -> Callable[..., Any]:
@@ -69,6 +116,10 @@ def _run_stages(cfg: RunConfig, captured) -> dict[str, Any] | None:
   result = None
   for stage in STAGES:
     if stage not in cfg.stages:
+      continue
+    if stage == "eval" and not _evaluates(cfg):
+      logging.warning("eval skipped: the update comes from gradients=%r, whose clips this run "
+                      "does not have (data.npz holds other clips)", cfg.gradients)
       continue
     if stage not in ("sr", "eval") or rundir.is_writer():  # host-side work on the written files
       start = time.perf_counter()

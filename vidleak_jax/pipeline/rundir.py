@@ -6,7 +6,12 @@ Under `jax.distributed` every process computes every value; process 0 (the write
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import os
+import socket
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -17,6 +22,40 @@ from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.settings import InvalidSetting
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 from vidleak_jax.types import Grads
+
+
+LOCK_FILE = ".lock"
+
+
+class RunDirBusy(OSError):
+  """Another process holds the run directory's lock; the message names it."""
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str) -> Iterator[None]:
+  """While inside, this process alone writes `workdir`: it holds `<workdir>/.lock` (an fcntl
+  lock, released by the OS when the process ends, even by SIGKILL), whose text names the holder.
+  RunDirBusy naming the holder if another process holds it; ValueError if `workdir` is a file."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise InvalidSetting("workdir", f"workdir={workdir!r} is a file, not a directory")
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOCK_FILE), "a+", encoding="utf-8") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      raise RunDirBusy(f"workdir {workdir!r} is in use by {holder}; wait for it to finish or "
+                       f"use another workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()} since "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def keys(seed: int) -> dict[str, jax.Array]:
