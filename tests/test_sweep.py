@@ -204,3 +204,19 @@ def test_killed_sweep_resumes_and_shards_rebuild_the_same_table(tmp_path):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr
   assert "point seed=0" in proc.stderr and "finished with other settings (attack.lr)" in proc.stderr
   assert _files(first) == before
+
+
+@pytest.mark.slow
+def test_a_sweep_started_twice_runs_each_point_once(tmp_path):
+  sweep_file = tmp_path / "seeds.json"
+  sweep_file.write_text(json.dumps({"name": "seeds", "grid": {"seed": [0, 1, 2]},
+                                    "fixed": {"steps": 40, "log_every": 5}}))
+  procs = [_main(f"--sweep={sweep_file}", f"--workdir={tmp_path / 'out'}",
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  logs = [p.communicate(timeout=900)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  runs = sum(log.count("stage attack done") for log in logs)
+  assert runs == 3, logs  # every point attacked once, by one of the two processes
+  for seed in range(3):
+    assert sweep.is_finished(str(tmp_path / "out" / f"seed={seed}"))
