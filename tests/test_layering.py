@@ -29,7 +29,8 @@ SCANNED = (PACKAGE, "experiments")  # top-level packages whose imports are check
 LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (0, "base", ("vidleak_jax.types", "vidleak_jax.registry", "vidleak_jax.io",
                  "vidleak_jax.tree_io", "vidleak_jax.training", "vidleak_jax.sweep",
-                 "vidleak_jax.settings")),
+                 "vidleak_jax.settings", "vidleak_jax.inputs",
+                 "vidleak_jax.resources")),
     (1, "data", ("vidleak_jax.data",)),
     (1, "models", ("vidleak_jax.models",)),  # same level as data; neither imports the other
     (2, "fl", ("vidleak_jax.fl", "vidleak_jax.pretrain")),

@@ -1,4 +1,5 @@
-"""Reconstruction-quality metrics for video clips [B, T, H, W, C] in [0, 1]."""
+"""Reconstruction-quality metrics for floating video clips [B, T, H, W, C] in [0, 1] (uint8 video
+is refused: scale it to float32 in [0, 1] first)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from vidleak_jax.inputs import check_clips
+
 Array = jax.Array
 
 # Normalised MSE floor: identical frames score 10 * log10(1 / 1e-10) = 100 dB instead of inf.
@@ -19,19 +22,16 @@ SSIM_FILTER_SIGMA = 1.5
 
 
 def check_clip_pair(x: Any, y: Any, x_name: str = "x", y_name: str = "y") -> tuple[Array, Array]:
-  """Returns (x, y) as float arrays after checking both are 5-D [B, T, H, W, C] with equal shapes."""
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  for name, a in ((x_name, x), (y_name, y)):
-    if a.ndim != 5:
-      raise ValueError(f"{name} must be a 5-D clip array [B, T, H, W, C], got shape {tuple(a.shape)}")
+  """Returns (x, y) as jax arrays after checking both are floating 5-D [B, T, H, W, C] clips of
+  equal shapes; ValueError else. Integer (e.g. uint8) clips are refused, not rescaled: scale them
+  to float32 in [0, 1] first (`clips.astype(np.float32) / 255`). Values are not range-checked
+  (see `data_range`)."""
+  x = jnp.asarray(check_clips(x, x_name, value_range=None))
+  y = jnp.asarray(check_clips(y, y_name, value_range=None))
   if x.shape != y.shape:
     raise ValueError(
         f"{y_name} must have the same shape as {x_name}, expected [B, T, H, W, C] = {tuple(x.shape)}, "
         f"got {tuple(y.shape)}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    x = x.astype(jnp.float32)
-  if not jnp.issubdtype(y.dtype, jnp.floating):
-    y = y.astype(jnp.float32)
   return x, y
 
 

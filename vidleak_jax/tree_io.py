@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from vidleak_jax.inputs import is_concrete
 from vidleak_jax.types import Grads, Params
 
 
@@ -40,16 +42,32 @@ def unflatten_like(template: Any, flat: Mapping[str, Any], *, name: str = "tree"
   return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
-def validate_target_grads(params: Params, target_grads: Grads) -> None:
-  """Raises ValueError unless `target_grads` has params' structure, shapes, and finite values."""
+def _dtype(x: Any) -> np.dtype:
+  """The dtype `x` holds (numpy's for Python scalars and lists); jax does not narrow it here."""
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
+def validate_target_grads(params: Params, target_grads: Grads, *, name: str = "target_grads",
+                          check_values: bool = True) -> None:
+  """Raises ValueError unless `target_grads` has params' structure and, leaf by leaf, its shape and
+  floating dtype (a float32 parameter's gradient is float32: int32 or float64 ones are refused)
+  and finite values.
+
+  The values are read only when `check_values` and only from concrete leaves (not jax Tracers), so
+  with `check_values=False`, or under jit/vmap/grad, this is a static check that costs nothing.
+  """
   p_paths, g_paths = leaf_paths(params), leaf_paths(target_grads)
   if p_paths != g_paths:
     missing = sorted(set(p_paths) - set(g_paths))[:5]
     extra = sorted(set(g_paths) - set(p_paths))[:5]
-    raise ValueError(f"target_grads does not match the model's parameters: missing {missing}, "
+    raise ValueError(f"{name} does not match the model's parameters: missing {missing}, "
                      f"unexpected {extra}")
   for path, p, g in zip(p_paths, jax.tree.leaves(params), jax.tree.leaves(target_grads)):
     if np.shape(p) != np.shape(g):
-      raise ValueError(f"target_grads[{path!r}] has shape {np.shape(g)}, expected {np.shape(p)}")
-    if not np.all(np.isfinite(np.asarray(g))):
-      raise ValueError(f"target_grads[{path!r}] contains NaN or Inf values")
+      raise ValueError(f"{name}[{path!r}] has shape {np.shape(g)}, expected {np.shape(p)}")
+    p_dtype, g_dtype = _dtype(p), _dtype(g)
+    if g_dtype != p_dtype or not jnp.issubdtype(g_dtype, jnp.floating):
+      raise ValueError(f"{name}[{path!r}] has dtype {g_dtype.name}, expected {p_dtype.name} (the "
+                       f"dtype of the parameter params[{path!r}])")
+    if check_values and is_concrete(g) and not np.all(np.isfinite(np.asarray(g))):
+      raise ValueError(f"{name}[{path!r}] contains NaN or Inf values")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from vidleak_jax.fl.updates import client_update
 from vidleak_jax.registry import Registry
 from vidleak_jax.tree_io import leaf_paths  # re-exported: other attack modules import it from here
+from vidleak_jax.tree_io import validate_target_grads
 from vidleak_jax.types import ApplyFn, Clip, Grads, Labels, Params
 
 # A distance takes per-layer lists (candidate grads, target grads, weights) and returns a scalar.
@@ -67,10 +68,14 @@ def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grad
                            layer_weights: Mapping[str, float] | None = None) -> jax.Array:
   """Scalar distance between the FedSGD gradient of (clips[B,T,H,W,C], labels[B]) and target_grads.
 
-  Pure: differentiable w.r.t. `clips` and usable under `jax.jit` / `jax.vmap`. `labels` are int [B]
-  or label probabilities [B, K].
+  Pure: differentiable w.r.t. `clips` and usable under `jax.jit` / `jax.vmap`. `clips` and `labels`
+  as in `client_update` (floating clips in [0, 1]; int labels [B] in [0, K) or label probabilities
+  [B, K]). Bad inputs raise ValueError: `target_grads` must have params' structure, shapes and
+  dtypes; values (of clips and labels) are checked only when concrete, so under jit the checks
+  run once at trace time and cost nothing at run time.
   """
   distance = DISTANCES.get(metric)
+  validate_target_grads(params, target_grads, check_values=False)  # finiteness: reconstruct's
   grads = client_update(apply_fn, params, clips, labels)
   weights = resolve_layer_weights(params, layer_weights)
   return distance(jax.tree.leaves(grads), jax.tree.leaves(target_grads), weights)

@@ -14,6 +14,7 @@ from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, drive
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
+from vidleak_jax.inputs import check_clips, check_labels, num_classes
 from vidleak_jax.tree_io import validate_target_grads
 from vidleak_jax.types import ApplyFn, Grads, Params
 
@@ -59,8 +60,11 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
                 should_stop: Callable[[], bool] | None = None) -> Reconstruction:
   """Optimises R candidate batches of clips [B,T,H,W,C] whose gradient matches `target_grads`.
 
-  `labels=None` recovers the labels analytically from the last layer's gradient. The attack step
-  is jitted once; `config.log_every` steps run per dispatch, then `progress` is called.
+  `target_grads`: params' structure, shapes and dtypes (float32 gradients of float32 params),
+  finite. `labels`: int class indices [B] in [0, K) (K: the model's number of logits) or
+  probabilities [B, K]; `labels=None` recovers them analytically from the last layer's gradient.
+  Bad inputs raise ValueError naming the argument. The attack step is jitted once;
+  `config.log_every` steps run per dispatch, then `progress` is called.
   `mesh`: restarts are split over its devices; "auto" uses all devices when R divides evenly
   (see `candidate_mesh`), None keeps everything on the default device. `references` [k,H,W,C]
   are the attacker's frames of the same camera (for `config.init="reference"`, and the probes of
@@ -76,13 +80,16 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
     raise ValueError(f"checkpoint_every must be >= 1 (dispatches), got {checkpoint_every}")
   clip_shape = validate_clip_shape(apply_fn, params, clip_shape)
   validate_target_grads(params, target_grads)
+  spec = jax.ShapeDtypeStruct(clip_shape, jnp.float32)
+  if labels is not None:
+    labels = check_labels(labels, lambda: num_classes(apply_fn, params, spec), clip_shape[0])
+  if references is not None:
+    references = check_clips(references, "references", layout=None)
   label_key, init_key = jax.random.split(key)
   if labels is None:
     labels = recover_labels(label_key, apply_fn, params, target_grads, clip_shape,
                             references=references)
   labels = jnp.asarray(labels)
-  if labels.shape[0] != clip_shape[0]:
-    raise ValueError(f"labels must have B={clip_shape[0]} entries, got shape {labels.shape}")
 
   attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config,
                        references=None if references is None else jnp.asarray(references))
