@@ -100,6 +100,61 @@ def test_reference_frames_recover_batch_labels_through_a_frozen_extractor(tmp_pa
                              references=refs[:, :16])
 
 
+def _pure_function_model(num_classes=5, hidden=16, output_bias=True, frame=(2, 8, 8, 3)):
+  """A plain `jax.numpy` classifier whose leaves carry no layer names: w1, b1, wd, bd."""
+  keys = jax.random.split(jax.random.key(7), 2)
+  params = {"w1": jax.random.normal(keys[0], (int(np.prod(frame)), hidden)) * 0.05,
+            "b1": jnp.zeros((hidden,)),
+            "wd": jax.random.normal(keys[1], (hidden, num_classes)) * 0.3}
+  if output_bias:
+    params["bd"] = jnp.zeros((num_classes,))
+
+  def apply_fn(params, clips):
+    hidden_units = jnp.tanh(clips.reshape(clips.shape[0], -1) @ params["w1"] + params["b1"])
+    logits = hidden_units @ params["wd"]
+    return logits + params["bd"] if "bd" in params else logits
+
+  return apply_fn, params
+
+
+@pytest.mark.parametrize("labels", [[3], [0, 2, 2, 4]])
+def test_reconstruct_recovers_labels_of_a_model_with_arbitrary_leaf_names(labels):
+  apply_fn, params = _pure_function_model()
+  clips = jax.random.uniform(jax.random.key(1), (len(labels), 2, 8, 8, 3))
+  target = vl.fl.client_update(apply_fn, params, clips, jnp.asarray(labels))
+  assert vl.attack.labels.output_bias_path(apply_fn, params, clips.shape) == "bd"
+  config = vl.attack.AttackConfig(restarts=1, steps=2, log_every=2)
+  rec = vl.attack.reconstruct(jax.random.key(0), apply_fn, params, target,
+                              clip_shape=clips.shape, config=config)
+  assert rec.labels.tolist() == labels
+
+
+def test_label_recovery_without_an_output_bias_names_the_argument():
+  apply_fn, params = _pure_function_model(num_classes=4, hidden=4, output_bias=False)
+  clips = jax.random.uniform(jax.random.key(1), (1, 2, 8, 8, 3))
+  target = vl.fl.client_update(apply_fn, params, clips, jnp.asarray([1]))
+  # b1 has the logits' shape (4,) but moves them through tanh and wd: not an output bias.
+  with pytest.raises(ValueError, match=r"no parameter of shape \(4,\) moves the logits.*"
+                                       r"\['b1'\].*layer=<path>"):
+    vl.attack.recover_labels(jax.random.key(0), apply_fn, params, target, clips.shape)
+
+
+def test_label_recovery_asks_for_layer_when_several_leaves_act_as_the_output_bias():
+  apply_fn, params = _pure_function_model()
+  params = {**params, "shift": jnp.zeros((5,))}
+  two_biases = lambda p, x: apply_fn(p, x) + p["shift"]
+  clips = jax.random.uniform(jax.random.key(1), (1, 2, 8, 8, 3))
+  target = vl.fl.client_update(two_biases, params, clips, jnp.asarray([2]))
+  with pytest.raises(ValueError, match=r"several .*\['bd', 'shift'\]; pass layer="):
+    vl.attack.recover_labels(jax.random.key(0), two_biases, params, target, clips.shape)
+  got = vl.attack.recover_labels(jax.random.key(0), two_biases, params, target, clips.shape,
+                                 layer="shift")
+  assert got.tolist() == [2]
+  with pytest.raises(ValueError, match=r"layer='wd' must name .* shape \(5,\)"):
+    vl.attack.recover_labels(jax.random.key(0), two_biases, params, target, clips.shape,
+                             layer="wd")
+
+
 def test_counts_from_bias_grad_formula():
   mean_probs = np.array([0.25, 0.25, 0.25, 0.25])
   counts = np.array([2, 0, 1, 1])

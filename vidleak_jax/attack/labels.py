@@ -1,6 +1,14 @@
-"""Analytic label recovery from the shared gradient of the classifier's last layer."""
+"""Analytic label recovery from the shared gradient of the classifier's last layer.
+
+The output layer's bias is found by what it does, not by its name: among the float parameters of
+shape (K,) (K: the model's number of logits), the one whose perturbation along any direction v moves
+every clip's logits by v (up to a constant per clip, which softmax cross-entropy ignores). One
+forward-mode pass on two probe clips tests all candidates together (`output_bias_index`).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,18 +18,130 @@ from vidleak_jax.attack.objectives import leaf_paths
 from vidleak_jax.types import ApplyFn, Grads, Params
 
 
-def last_layer_bias_grad(grads: Grads, num_classes: int, *, layer: str = "head") -> jax.Array:
-  """Gradient of the output layer's bias, [K]: the leaf `<layer>/bias` (or the unique [K] bias)."""
+def _key_name(key: Any) -> str:
+  """One step of a `jax.tree_util` key path: dict key, sequence index or attribute name."""
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _path_names(tree: Any) -> list[str]:
+  """'/'-joined key paths in `jax.tree.leaves` order; equinox attributes by their bare name."""
+  return ["/".join(_key_name(k) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _is_float_vector(leaf: Any, size: int) -> bool:
+  return (tuple(np.shape(leaf)) == (size,)
+          and jnp.issubdtype(jnp.result_type(leaf), jnp.floating))
+
+
+def _select_by_name(names: list[str], layer: str) -> list[int]:
+  """Leaves that `layer` names: the path itself, `<layer>/bias`, or either as a path's tail."""
+  wanted = (layer, f"{layer}/bias")
+  exact = [i for i, n in enumerate(names) if n in wanted]
+  return exact or [i for i, n in enumerate(names) if n.endswith(tuple("/" + w for w in wanted))]
+
+
+def _bias_like(apply_fn: ApplyFn, params: Params, clip_shape: tuple[int, ...],
+               candidates: list[int], num_classes: int) -> list[int]:
+  """The candidates (leaf indices) that act as an additive bias on every clip's logits."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  probe_key, direction_key = jax.random.split(jax.random.key(0))
+  probes = jax.random.uniform(probe_key, (2, *clip_shape[1:]), jnp.float32)
+  directions = jax.random.normal(direction_key, (len(candidates), num_classes), jnp.float32)
+
+  def logits_of(all_leaves, vectors):
+    new = list(all_leaves)
+    for i, vector in zip(candidates, vectors):
+      new[i] = vector
+    return apply_fn(jax.tree_util.tree_unflatten(treedef, new), probes)
+
+  primals = tuple(leaves[i] for i in candidates)
+  # Tangent set j moves candidate j alone, along directions[j]; vmapped: one forward-mode pass.
+  tangents = tuple(
+      (jnp.eye(len(candidates), dtype=jnp.float32)[:, j:j + 1] * directions[j]).astype(p.dtype)
+      for j, p in enumerate(primals))
+
+  @jax.jit  # the params are arguments, not constants baked into the executable
+  def moves(all_leaves, primals, tangents):
+    logits = lambda vectors: logits_of(all_leaves, vectors)
+    return jax.vmap(lambda t: jax.jvp(logits, (primals,), (t,))[1])(tangents)
+
+  moved = np.asarray(moves(leaves, primals, tangents), np.float64)  # [n, 2, K]
+  off = moved - np.asarray(directions, np.float64)[:, None, :]
+  if num_classes > 1:  # a per-clip constant shift leaves softmax cross-entropy unchanged
+    off -= off.mean(axis=-1, keepdims=True)
+  eps = max(float(jnp.finfo(p.dtype).eps) for p in primals)
+  tolerance = np.sqrt(eps) * (1.0 + float(np.abs(directions).max()))
+  return [i for i, err in zip(candidates, np.abs(off).max(axis=(1, 2))) if err <= tolerance]
+
+
+def output_bias_index(apply_fn: ApplyFn, params: Params, clip_shape: tuple[int, ...], *,
+                      layer: str | None = None) -> int:
+  """Position, in `jax.tree.leaves(params)` order, of the output layer's bias.
+
+  Found structurally: the float leaf of shape (K,) whose perturbation along a random direction v
+  moves both probe clips' logits by v (up to a per-clip constant): one jitted forward-mode pass
+  of `apply_fn` on two clips of `clip_shape[1:]`, all candidates vmapped. Works for any pytree
+  (flax.linen variable dicts, nnx pure dicts, equinox modules, plain dicts) and any leaf names.
+  `layer` overrides the search: a leaf path, a layer whose `bias` leaf is meant, or the tail of
+  either. Raises ValueError naming `layer` when no leaf, or more than one, acts as the bias.
+  """
+  spec = jax.ShapeDtypeStruct((1, *clip_shape[1:]), jnp.float32)
+  num_classes = jax.eval_shape(apply_fn, params, spec).shape[-1]
+  names, leaves = _path_names(params), jax.tree.leaves(params)
+  vectors = [i for i, leaf in enumerate(leaves) if _is_float_vector(leaf, num_classes)]
+  if layer is not None:
+    chosen = _select_by_name(names, layer)
+    if len(chosen) != 1 or not _is_float_vector(leaves[chosen[0]], num_classes):
+      found = [f"{names[i]} {tuple(np.shape(leaves[i]))}" for i in chosen]
+      raise ValueError(f"layer={layer!r} must name exactly one float parameter of shape "
+                       f"({num_classes},) (the output bias); it matches {found or 'none'}. "
+                       f"Parameters of shape ({num_classes},): {[names[i] for i in vectors]}")
+    return chosen[0]
+  acting = _bias_like(apply_fn, params, clip_shape, vectors, num_classes) if vectors else []
+  if not acting:
+    raise ValueError(
+        f"cannot locate the output layer's bias: no parameter of shape ({num_classes},) moves the "
+        f"logits by its own change (checked: {[names[i] for i in vectors]}); analytic label "
+        f"recovery needs an output bias: pass the labels, or layer=<path> of an equivalent leaf")
+  if len(acting) > 1:
+    raise ValueError(f"several parameters act as the output layer's bias: "
+                     f"{[names[i] for i in acting]}; pass layer=<one of them>")
+  return acting[0]
+
+
+def output_bias_path(apply_fn: ApplyFn, params: Params, clip_shape: tuple[int, ...], *,
+                     layer: str | None = None) -> str:
+  """'/'-joined key path of the output layer's bias in `params` (see `output_bias_index`)."""
+  return _path_names(params)[output_bias_index(apply_fn, params, clip_shape, layer=layer)]
+
+
+def last_layer_bias_grad(grads: Grads, num_classes: int, *, layer: str | None = None,
+                         apply_fn: ApplyFn | None = None, params: Params | None = None,
+                         clip_shape: tuple[int, ...] | None = None) -> jax.Array:
+  """Gradient of the output layer's bias, [K].
+
+  With `apply_fn`, `params` and `clip_shape` the bias is located structurally
+  (`output_bias_index`, `layer` overriding). Without them, by name: the leaf `<layer>/bias`
+  (`layer` default "head"), else the unique leaf of shape (K,) whose path ends in "bias".
+  """
+  if apply_fn is not None and params is not None and clip_shape is not None:
+    index = output_bias_index(apply_fn, params, clip_shape, layer=layer)
+    return jax.tree.leaves(grads)[index]
   paths = leaf_paths(grads)
   leaves = jax.tree.leaves(grads)
-  exact = [l for p, l in zip(paths, leaves) if p == f"{layer}/bias"]
+  exact = [l for p, l in zip(paths, leaves) if p == f"{layer or 'head'}/bias"]
   if exact:
     return exact[0]
   candidates = [(p, l) for p, l in zip(paths, leaves)
                 if p.endswith("bias") and l.shape == (num_classes,)]
   if len(candidates) != 1:
     raise ValueError(f"cannot locate the output layer's bias of shape ({num_classes},) in the "
-                     f"gradient; pass layer=<name>. Bias-like leaves: {[p for p, _ in candidates]}")
+                     f"gradient; pass layer=<name>, or apply_fn, params and clip_shape to find "
+                     f"it by what it does. Bias-like leaves: {[p for p, _ in candidates]}")
   return candidates[0][1]
 
 
@@ -39,7 +159,7 @@ def counts_from_bias_grad(bias_grad: np.ndarray, batch_size: int,
 
 
 def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads,
-                   clip_shape: tuple[int, ...], *, layer: str = "head",
+                   clip_shape: tuple[int, ...], *, layer: str | None = None,
                    references: jax.Array | None = None, num_probe_clips: int = 16) -> jax.Array:
   """Recovers the B labels of the client batch from `target_grads`; returns int32 [B], sorted.
 
@@ -51,11 +171,16 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
   the batch far better than noise (the whole multiset right in 77–100 % of seeds instead of
   5–63 %: experiments/results/label_probes.md). Order within the batch is not identifiable;
   the evaluation matches reconstructions to ground truth.
+
+  The output bias is located by what it does (`output_bias_index`), whatever its name; `layer`
+  (a leaf path or a layer holding a `bias`) overrides the search.
   """
   batch_size = clip_shape[0]
   logits_shape = jax.eval_shape(apply_fn, params, jnp.zeros((1, *clip_shape[1:]), jnp.float32))
   num_classes = logits_shape.shape[-1]
-  bias_grad = np.asarray(last_layer_bias_grad(target_grads, num_classes, layer=layer))
+  bias_grad = np.asarray(last_layer_bias_grad(target_grads, num_classes, layer=layer,
+                                               apply_fn=apply_fn, params=params,
+                                               clip_shape=clip_shape))
   if batch_size == 1:
     return jnp.asarray([int(np.argmin(bias_grad))], jnp.int32)
   if references is not None and len(references):
