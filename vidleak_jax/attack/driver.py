@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vidleak_jax import resources
 from vidleak_jax.attack import checkpoint
 from vidleak_jax.attack.engine import Attack, AttackState, Settings
 from vidleak_jax.attack.sharding import candidate_mesh, place_state, shard_candidates
@@ -25,7 +26,7 @@ from vidleak_jax.attack.sharding import candidate_mesh, place_state, shard_candi
 # (of that restart), "resumed_from" (the step this call started at), "compile_s" (after
 # dispatches: the seconds spent compiling before the first one).
 ProgressFn = Callable[[int, int, dict[str, float]], None]
-MAX_SNAPSHOTS = 32
+MAX_SNAPSHOTS = resources.MAX_SNAPSHOTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Outcome:
   snapshot_steps: list[int]
   snapshot_objectives: list[float]
   snapshots: list[np.ndarray]
+  footprint: resources.Footprint | None = None  # XLA's plan for one dispatch (None: unreported)
 
 
 def fetch(tree):
@@ -71,6 +73,32 @@ def _snapshot_dispatches(num_dispatches: int) -> set[int]:
   """Evenly spaced dispatch indices (first and last included) whose best points form the curve."""
   count = min(MAX_SNAPSHOTS, num_dispatches)
   return set(np.round(np.linspace(0, num_dispatches - 1, count)).astype(int).tolist())
+
+
+def _state_device(state: AttackState):
+  """A device holding (a shard of) the state: whose memory limit the step must fit."""
+  leaf = jax.tree.leaves(state)[0]
+  return min(leaf.devices(), key=lambda d: d.id) if isinstance(leaf, jax.Array) else None
+
+
+def check_state_fits(init: Callable[[jax.Array], AttackState], key: jax.Array, settings: Settings,
+                     *, name: str = "attack", host_copy: bool = True) -> resources.Estimate:
+  """Before `init(key)` allocates anything: the state's size from a shape-only trace (candidates,
+  optimizer state, best-so-far copies; plus a host copy of the initial candidates when
+  `host_copy`) against this machine's memory (`resources.check_fits`). Raises
+  `resources.InsufficientMemory` (field "restarts", relative to `settings`) with the figures;
+  returns the estimate. Milliseconds for any R."""
+  state = jax.eval_shape(init, key)
+  start = resources.tree_bytes(state.candidates)
+  parts = [resources.Part("candidates and optimizer state",
+                          start + resources.tree_bytes(state.opt_state), resources.DEVICE),
+           resources.Part("best-so-far candidates", resources.tree_bytes(
+               (state.best_loss, state.best_candidates, state.step)), resources.DEVICE)]
+  if host_copy:
+    parts.append(resources.Part("initial candidates (host copy)", start, resources.HOST))
+  est = resources.Estimate(tuple(parts), field="restarts", value=settings.restarts)
+  resources.check_fits(est, name)
+  return est
 
 
 def _best(state: AttackState) -> tuple[float, np.ndarray]:
@@ -131,7 +159,12 @@ def drive(attack: Attack, state: AttackState, settings: Settings, *,
   start = time.perf_counter()
   run = jax.jit(attack.run, donate_argnums=donate).lower(state, jnp.int32(0)).compile()
   compile_s = time.perf_counter() - start  # ahead of time: one executable for the whole loop
-  logging.info("%s step compiled in %.1fs", name, compile_s)
+  footprint = resources.compiled_footprint(run)
+  logging.info("%s step compiled in %.1fs; memory: %s", name, compile_s,
+               "not reported by the backend" if footprint is None else footprint.describe())
+  # Before the first dispatch: a step that cannot fit fails here, with its figures.
+  resources.check_compiled(footprint, name, field="restarts", value=settings.restarts,
+                           device=_state_device(state), devices=1 if mesh is None else mesh.size)
   snapshot_at = _snapshot_dispatches(-(-steps // log_every)) if snapshot else set()
   try:
     while record.done < steps:
@@ -166,4 +199,4 @@ def drive(attack: Attack, state: AttackState, settings: Settings, *,
                  history={k: v[:steps] for k, v in record.history().items()},
                  compile_s=compile_s, snapshot_steps=list(record.snapshot_steps),
                  snapshot_objectives=list(record.snapshot_objectives),
-                 snapshots=list(record.snapshots))
+                 snapshots=list(record.snapshots), footprint=footprint)
