@@ -12,7 +12,8 @@ import json
 import math
 import os
 import secrets
-from typing import Any, BinaryIO, Iterator
+import zipfile
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 import numpy as np
 
@@ -127,3 +128,52 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
       return {name: np.asarray(data[name]) for name in data.files}
   except Exception as e:  # Object (pickled) members, corrupt members, bad CRC...
     raise ValueError(f"cannot load {path!r}: {type(e).__name__}: {e}") from e
+
+
+class ArrayHeader(NamedTuple):
+  """What an .npy header declares: the array's shape and dtype (its data not read)."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def npz_headers(path: PathLike) -> dict[str, ArrayHeader]:
+  """{name: ArrayHeader} of every array of an .npz, read from the zip's member headers only: no
+  array data is read or allocated, so the caller can refuse names, shapes or sizes first.
+
+  ValueError naming `path` (and the member) for a missing file or one that is not a zip archive
+  (e.g. a pickle), a member that is not a .npy array, a duplicate name, a header of an unsupported
+  .npy version or a corrupt one, and object dtypes (their data would be pickled).
+  """
+  path = os.fspath(path)
+  try:
+    archive = zipfile.ZipFile(path)
+  except zipfile.BadZipFile as e:  # a pickle, a bare .npy, a truncated archive...
+    raise ValueError(f"cannot load {path!r}: not an .npz archive ({e})") from e
+  except OSError as e:  # missing, unreadable
+    raise ValueError(f"cannot load {path!r}: {type(e).__name__}: {e}") from e
+  headers: dict[str, ArrayHeader] = {}
+  with archive:
+    for info in archive.infolist():
+      member = info.filename
+      name = member[:-len(".npy")] if member.endswith(".npy") else None
+      if name is None or name in headers:
+        what = "is not a .npy array" if name is None else "is a duplicate"
+        raise ValueError(f"cannot load {path!r}: member {member!r} {what}")
+      try:
+        with archive.open(info) as f:
+          version = np.lib.format.read_magic(f)
+          if version not in _HEADER_READERS:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+          shape, _, dtype = _HEADER_READERS[version](f)
+      except Exception as e:  # bad magic, corrupt header, bad zip entry, encrypted member...
+        raise ValueError(f"cannot load {path!r}: array {name!r}: {type(e).__name__}: {e}") from e
+      if dtype.hasobject:
+        raise ValueError(f"cannot load {path!r}: array {name!r} has object dtype {dtype} "
+                         "(pickled data is refused)")
+      headers[name] = ArrayHeader(tuple(int(n) for n in shape), dtype)
+  return headers
