@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidleak_jax.attack.objectives import leaf_paths
+from vidleak_jax.tree_io import leaf_paths
 from vidleak_jax.types import ApplyFn, Grads, Params
 
 
