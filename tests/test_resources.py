@@ -270,8 +270,6 @@ RECONSTRUCT_10M = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="reconstruct does not call driver.check_state_fits "
-                   "before attack.init yet")
 def test_reconstruct_refuses_ten_million_restarts_before_allocating():
   proc = subprocess.run([sys.executable, "-c", RECONSTRUCT_10M], cwd=ROOT, capture_output=True,
                         text=True, timeout=300, check=False)

@@ -11,7 +11,7 @@ import numpy as np
 
 from vidleak_jax.attack import checkpoint
 from vidleak_jax.attack.config import AttackConfig
-from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, drive
+from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, check_state_fits, drive
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
 from vidleak_jax.inputs import check_clips, check_labels, num_classes
@@ -93,6 +93,7 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
 
   attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config,
                        references=None if references is None else jnp.asarray(references))
+  check_state_fits(attack.init, init_key, config)  # before anything is allocated
   state: AttackState = jax.jit(attack.init)(init_key)
   init_candidates = np.asarray(state.candidates)  # host copy: the state's buffers get donated
   identity = None if checkpoint_dir is None else checkpoint.describe(

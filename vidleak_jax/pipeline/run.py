@@ -15,6 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from vidleak_jax import io as vio
+from vidleak_jax import resources
 from vidleak_jax.fl import captured as captured_update
 from vidleak_jax.pipeline import features, frames, rundir
 from vidleak_jax.pipeline.config import STAGES, RunConfig
@@ -51,6 +52,7 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
   stage (the attack is sharded over all devices), process 0 writes the files (the workdir must be
   on a shared filesystem), and the processes wait for each other between stages.
   """
+  _check_resources(cfg)
   captured = None
   if cfg.gradients:  # validated before anything is written
     try:
@@ -70,6 +72,18 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
     if rundir.is_writer():  # last: the run is finished (what `reuse` looks for)
       vio.write_json(rundir.path(cfg, RUN_FILE), {"settings": run_settings(cfg)})
   return result
+
+
+def _check_resources(cfg: RunConfig) -> None:
+  """`resources.InsufficientMemory` (naming the setting to lower) before anything is written when
+  the run's clips, candidates and optimizer state cannot fit in this machine's memory."""
+  if not {"data", "attack"} & set(cfg.stages):
+    return
+  resources.check_run(clip_shape=cfg.clip_shape, batch_size=cfg.batch_size,
+                      restarts=cfg.attack.restarts if "attack" in cfg.stages else 1,
+                      optimizer=cfg.attack.optimizer, steps=cfg.attack.steps,
+                      log_every=cfg.attack.log_every, attack_scale=cfg.attack.attack_scale,
+                      what=f"the run in {cfg.workdir}")
 
 
 def run_settings(cfg: RunConfig) -> dict[str, Any]:
