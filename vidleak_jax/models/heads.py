@@ -13,7 +13,7 @@ composes a frozen extractor with a head into the victim the FL client trains.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +138,7 @@ HEADS.register("transformer")(TransformerHead)
 
 
 def create_head(name: str, key: jax.Array, *, frames: int, dim: int, num_classes: int,
-                **kwargs) -> nnx.Module:
+                **kwargs: Any) -> nnx.Module:
   """Builds head `name` for features [N, frames, dim] -> logits [N, num_classes]."""
   if frames < 1 or dim < 1:
     raise ValueError(f"frames and dim must be positive, got {frames}, {dim}")
