@@ -111,7 +111,7 @@ def _fake_sweep(run_dir, workdir) -> sweep.SweepSpec:
     metrics["psnr_mean"] = 10.0 + i
     with open(os.path.join(point_dir, "metrics.json"), "w") as f:
       json.dump(metrics, f)
-    sweep.mark_finished(point_dir, spec, point, {})
+    sweep.mark_finished(point_dir, spec, point)
   sweep.write_results(workdir, spec)
   return spec
 
