@@ -188,6 +188,7 @@ def test_closed_form_features_keep_the_start_of_clips_no_unit_isolates():
     np.testing.assert_array_equal(row, np.broadcast_to(row[0], (T, D)))  # the mean in every frame
 
 
+@pytest.mark.slow
 def test_the_subspace_attack_recovers_a_batch_through_the_pipeline(tmp_path):
   cfg = pipeline.RunConfig(
       workdir=str(tmp_path / "run"), pipeline="features", clip_shape=(2, 16, 16, 3),

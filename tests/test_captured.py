@@ -70,6 +70,7 @@ def _bad_files(tmp_path, flat):
           "object.npz": "object.npz", "pickle.npz": "pickle.npz"}
 
 
+@pytest.mark.slow
 def test_bad_update_files_are_rejected_before_anything_is_written(tmp_path):
   _, flat = _tiny_update()
   for name, expected in _bad_files(tmp_path, flat).items():

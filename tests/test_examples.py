@@ -27,6 +27,7 @@ def test_every_example_is_short_and_listed():
     assert len((folder / f"{name}.py").read_text().splitlines()) <= 40, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_recovers_the_label_and_improves_psnr(name):
   if name in NEEDS and importlib.util.find_spec(NEEDS[name]) is None:

@@ -39,6 +39,7 @@ def test_dot_specs_of_a_compiled_function():
   assert time_dots(specs, repeats=3) >= 0.0
 
 
+@pytest.mark.slow
 def test_benchmark_row_with_the_matmul_floor():
   row = benchmark_core.bench_one("c3d", restarts=2, batching="vmap", clip=(4, 16, 16, 3),
                                  steps=1, steps_per_dispatch=1, seed=0, gemm_ceiling=True)

@@ -71,6 +71,7 @@ def test_attack_without_data_explains_which_stage_is_missing(tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, batch_size", [
     (("--batch_size=2", "--steps=60", "--references=2"), 2),  # batch label recovery + matching
     (("--update=fedavg", "--local_steps=2", "--metric=cosine", "--steps=60"), 1),
@@ -87,6 +88,7 @@ def test_batches_and_fedavg_updates_leak(tmp_path, extra, batch_size):
   assert metrics["psnr_mean"] > metrics["psnr_init_mean"] + 5.0
 
 
+@pytest.mark.slow
 def test_reference_initialisation_from_the_attackers_frames(tmp_path):
   proc = _main("--flagfile=experiments/flags/tiny.flags", f"--workdir={tmp_path / 'ref'}",
                "--quiet", "--references=3", "--init=reference")

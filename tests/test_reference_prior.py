@@ -80,6 +80,7 @@ def test_background_residual_maps_and_penalty_follow_their_formulas():
   np.testing.assert_allclose(projected + background_low, 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_low_resolution_attack_upsamples_candidates_bicubically():
   apply_fn, params = tiny_victim("frame_cnn")
   batch = _camera_batch(0)

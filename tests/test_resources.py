@@ -270,6 +270,7 @@ RECONSTRUCT_10M = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_reconstruct_refuses_ten_million_restarts_before_allocating():
   proc = subprocess.run([sys.executable, "-c", RECONSTRUCT_10M], cwd=ROOT, capture_output=True,
                         text=True, timeout=300, check=False)

@@ -65,6 +65,7 @@ def _assert_same_result(got, expected):
     np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
 
 
+@pytest.mark.slow
 def test_resumed_attack_equals_uninterrupted_and_foreign_checkpoints_are_refused(
     tmp_path, compile_once):
   expected = _attack()
@@ -269,6 +270,7 @@ def test_sigterm_saves_exits_nonzero_and_rerun_equals_uninterrupted(tmp_path, un
   _assert_same_outputs(workdir, uninterrupted)
 
 
+@pytest.mark.slow
 def test_curve_ends_at_the_final_result(uninterrupted):
   metrics = json.loads((uninterrupted / "metrics.json").read_text())
   curve = metrics["curve"]

@@ -34,6 +34,7 @@ def _digest(directory) -> dict[str, str]:
   return out
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_busy_workdir_is_refused_naming_the_holder(tmp_path):
   workdir = tmp_path / "run"
   first = run_main(*TINY, f"--workdir={workdir}", "--steps=60", "--log_every=5", popen=True,
