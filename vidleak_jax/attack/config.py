@@ -29,9 +29,10 @@ class AttackConfig:
   computation) or "map" (`lax.map` over groups of `map_batch_size` vmapped candidates); "auto" =
   "map" on CPU, "vmap" on GPU/TPU.
   map_batch_size: candidates per group with batching "map"; 0 = auto (see `resolve_map_batch_size`).
-  conv: implementation of the victim's convolutions while the attack traces them (see
-  `vidleak_jax.models.layers`); "auto" = "im2col", which keeps per-candidate weight gradients
-  as batched matmuls instead of grouped convolutions. Same function either way.
+  conv: how the victim's convolutions are computed in the attack's objective: "auto" = "im2col"
+  rewrites them, whatever library built the victim, as patches + matmuls
+  (`vidleak_jax.attack.fast_convs`), which keeps per-candidate weight gradients as batched matmuls
+  instead of grouped convolutions; "xla" leaves them as written. Same function either way.
   log_every: steps per jitted dispatch (a `lax.scan`); also the progress/logging interval.
   init: "uniform" | "gaussian" | "gray" noise, or "reference": the per-pixel median of the attacker's
   reference frames of the same camera (plus a little noise per restart); needs `references`.
@@ -60,8 +61,8 @@ class AttackConfig:
   map_batch_size: int = setting(0, help="With --batching=map: restarts vmapped together per "
                                 "lax.map step (0: auto, pairs for clips of <= 65,536 values, else "
                                 "one at a time).")
-  conv: str = setting("auto", help="Victim convolution kernels while attacking (auto: im2col).",
-                      choices=CONVS)
+  conv: str = setting("auto", help="Victim convolutions while attacking: rewritten as patches + "
+                      "matmuls (auto, im2col) or as written (xla).", choices=CONVS)
   log_every: int = setting(25, help="Steps per dispatch / log line.")
   param: str = setting("direct", help="What the attack optimises: the clip (direct) or a "
                        "residual on the median of the --references frames (background_residual; "

@@ -16,14 +16,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vidleak_jax.attack.config import (AttackConfig, resolve_batching, resolve_conv,
-                                       resolve_map_batch_size)
+from vidleak_jax.attack.config import AttackConfig, resolve_batching, resolve_map_batch_size
 from vidleak_jax.attack.objectives import gradient_matching_loss
 from vidleak_jax.attack.optimizers import make_optimizer
 from vidleak_jax.attack.parametrize import make_parametrization
 from vidleak_jax.attack.priors import PRIORS
 from vidleak_jax.data.clips import resize
-from vidleak_jax.models.layers import conv_implementation
 from vidleak_jax.types import ApplyFn, Grads, Labels, Params
 
 # x [...] (one candidate) -> (objective [], {metric name: []}).
@@ -183,13 +181,13 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
                        f", got {None if references is None else tuple(references.shape)}")
   param = make_parametrization(clip_shape, config, references)
   priors = [(PRIORS.get(name), w) for name, w in sorted(config.priors.items()) if w > 0]
-  conv = resolve_conv(config.conv)
 
   def objective(latents: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     clips = param.decode(latents)
-    with conv_implementation(conv):  # read while tracing: selects the victim's conv kernels
-      match = gradient_matching_loss(apply_fn, params, target_grads, clips, labels,
-                                     config.metric, layer_weights=config.layer_weights)
+    # config.conv "auto"/"im2col": the victim's convolutions rewritten as patches + matmuls
+    # (`fast_convs`), once per trace of the objective.
+    match = gradient_matching_loss(apply_fn, params, target_grads, clips, labels, config.metric,
+                                   layer_weights=config.layer_weights, conv=config.conv)
     total = match + sum(w * fn(clips) for fn, w in priors)
     if param.penalty is not None:
       total = total + param.penalty(latents)

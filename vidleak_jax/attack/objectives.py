@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from vidleak_jax.attack.fast_convs import fast_convs
 from vidleak_jax.fl.updates import client_update
 from vidleak_jax.registry import Registry
 from vidleak_jax.tree_io import leaf_paths  # re-exported: other attack modules import it from here
@@ -65,7 +66,8 @@ def resolve_layer_weights(tree, layer_weights: Mapping[str, float] | None) -> li
 
 def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grads, clips: Clip,
                            labels: Labels, metric: str = "cosine", *,
-                           layer_weights: Mapping[str, float] | None = None) -> jax.Array:
+                           layer_weights: Mapping[str, float] | None = None,
+                           conv: str = "auto") -> jax.Array:
   """Scalar distance between the FedSGD gradient of (clips[B,T,H,W,C], labels[B]) and target_grads.
 
   Pure: differentiable w.r.t. `clips` and usable under `jax.jit` / `jax.vmap`. `clips` and `labels`
@@ -73,9 +75,21 @@ def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grad
   [B, K]). Bad inputs raise ValueError: `target_grads` must have params' structure, shapes and
   dtypes; values (of clips and labels) are checked only when concrete, so under jit the checks
   run once at trace time and cost nothing at run time.
+
+  conv: how the model's convolutions are computed. "im2col": as patches + matrix products
+  (`fast_convs` rewrites `apply_fn`'s traced program, whatever library built it), which keeps the
+  derivatives an attack needs (per-candidate weight gradients, grad-of-grad, under `vmap`) at
+  matmul speed; "xla": as written (`lax.conv_general_dilated`); "auto": "im2col" when the call is
+  traced (under jit, vmap or grad: where the rewrite pays), "xla" when `clips` and `params` are
+  concrete (an eager evaluation, which nothing differentiates or batches afterwards: one dispatch
+  per convolution, and exactly the client's computation). Same function either way, to float
+  rounding. The rewrite happens once per trace of the caller.
   """
   distance = DISTANCES.get(metric)
   validate_target_grads(params, target_grads, check_values=False)  # finiteness: reconstruct's
-  grads = client_update(apply_fn, params, clips, labels)
+  if conv == "auto" and not any(isinstance(leaf, jax.core.Tracer)
+                                for leaf in jax.tree.leaves((params, clips))):
+    conv = "xla"
+  grads = client_update(fast_convs(apply_fn, conv), params, clips, labels)
   weights = resolve_layer_weights(params, layer_weights)
   return distance(jax.tree.leaves(grads), jax.tree.leaves(target_grads), weights)
