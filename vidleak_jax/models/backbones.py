@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vidleak_jax.models.layers import Conv
-
 
 def _torch_conv(cin: int, cout: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
   """Bias-free k×k convolution with PyTorch's symmetric padding k // 2."""
@@ -108,8 +106,8 @@ class R2Plus1D(nnx.Module):
     cin = channels
     for i, width in enumerate(widths):
       stride = 1 if i == 0 else 2
-      self.spatial.append(Conv(cin, width, (3, 3), strides=(stride, stride), rngs=rngs))
-      self.temporal.append(Conv(width, width, (3, 1), rngs=rngs))
+      self.spatial.append(nnx.Conv(cin, width, (3, 3), strides=(stride, stride), rngs=rngs))
+      self.temporal.append(nnx.Conv(width, width, (3, 1), rngs=rngs))
       cin = width
     self.out_features = cin
 

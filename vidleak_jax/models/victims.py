@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vidleak_jax.models.layers import Conv
 from vidleak_jax.registry import Registry
 
 VICTIMS: Registry[Callable[..., nnx.Module]] = Registry("victim")
@@ -67,9 +66,9 @@ class C3D(nnx.Module):
     self.preprocess = Preprocess(frames, channels, (h, w))
     self.act = ACTIVATIONS.get(activation)
     f = features
-    self.conv1 = Conv(channels, f, (3, 3, 3), strides=(1, 2, 2), rngs=rngs)
-    self.conv2 = Conv(f, f, (3, 3, 3), strides=(2, 2, 2), rngs=rngs)
-    self.conv3 = Conv(f, f, (3, 3, 3), strides=(1, 1, 1), rngs=rngs)
+    self.conv1 = nnx.Conv(channels, f, (3, 3, 3), strides=(1, 2, 2), rngs=rngs)
+    self.conv2 = nnx.Conv(f, f, (3, 3, 3), strides=(2, 2, 2), rngs=rngs)
+    self.conv3 = nnx.Conv(f, f, (3, 3, 3), strides=(1, 1, 1), rngs=rngs)
     t_out = _conv_out(frames, 2)
     h_out, w_out = _conv_out(_conv_out(h, 2), 2), _conv_out(_conv_out(w, 2), 2)
     self.head = nnx.Linear(t_out * h_out * w_out * f, num_classes, rngs=rngs)
@@ -89,9 +88,9 @@ class FrameEncoder(nnx.Module):
                features: int = 12, activation: str = "sigmoid"):
     self.act = ACTIVATIONS.get(activation)
     f = features
-    self.conv1 = Conv(channels, f, (5, 5), strides=(2, 2), rngs=rngs)
-    self.conv2 = Conv(f, f, (5, 5), strides=(2, 2), rngs=rngs)
-    self.conv3 = Conv(f, f, (5, 5), strides=(1, 1), rngs=rngs)
+    self.conv1 = nnx.Conv(channels, f, (5, 5), strides=(2, 2), rngs=rngs)
+    self.conv2 = nnx.Conv(f, f, (5, 5), strides=(2, 2), rngs=rngs)
+    self.conv3 = nnx.Conv(f, f, (5, 5), strides=(1, 1), rngs=rngs)
     self.out_features = _conv_out(_conv_out(height, 2), 2) * _conv_out(_conv_out(width, 2), 2) * f
 
   def __call__(self, frames: jax.Array) -> jax.Array:
