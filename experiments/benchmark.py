@@ -9,6 +9,7 @@ target gradient and initial candidates (needs `pip install -e ".[bench]"`).
   python -m experiments.benchmark --victims=c3d,frame_cnn --restarts=1,8,32 --batching=both
   python -m experiments.benchmark --vs=torch --victims=c3d,frame_cnn --restarts=1,4
   python -m experiments.benchmark --vs=torch --restarts=1,32 --gemm_ceiling  # + the matmul floor
+  python -m experiments.benchmark --victims=c3d,c3d_linen,c3d_lax --restarts=1,8  # other libraries
 
 The measuring code lives in `experiments.benchmark_core` (no flags, importable by tests).
 """
@@ -23,18 +24,23 @@ from typing import Sequence
 import jax
 from absl import app, flags
 
-from experiments.benchmark_core import (add_cost_vs_single, bench_one, combine_rounds,
-                                        markdown_table, matmul_gflops)
+from experiments.benchmark_core import (LIBRARY_MODELS, add_cost_vs_single, bench_one,
+                                        combine_rounds, markdown_table, matmul_gflops)
 import vidleak_jax as vl
 from vidleak_jax.attack.config import BATCHING, CONVS
 from vidleak_jax.pipeline import MATMUL_PRECISIONS
 
-_VICTIMS = flags.DEFINE_list("victims", ["c3d", "frame_cnn"],
-                             f"Comma list of victims; valid: {', '.join(vl.models.VICTIMS)}.")
+_MODELS = (*vl.models.VICTIMS, *LIBRARY_MODELS)
+_VICTIMS = flags.DEFINE_list(
+    "victims", ["c3d", "frame_cnn"],
+    f"Comma list of victims; valid: {', '.join(_MODELS)} (c3d_linen / c3d_lax: the c3d victim, "
+    "same weights, written with flax.linen / plain channels-first lax).")
 _RESTARTS = flags.DEFINE_list("restarts", ["1", "8", "32"], "Comma list of restart counts R.")
 _CLIP = flags.DEFINE_list("clip", ["8", "32", "32", "3"], "Clip shape T,H,W,C (batch B=1).")
-_CONV = flags.DEFINE_enum("conv", "auto", [*CONVS, "both"],
-                          "Victim conv kernels in the attack: auto (im2col), xla, im2col, or both.")
+_CONV = flags.DEFINE_enum(
+    "conv", "auto", [*CONVS, "both"],
+    "Victim convolutions in the attack: auto (= im2col: rewritten as patches + matmuls by "
+    "vl.attack.fast_convs), xla (as written), or both.")
 _BATCHING = flags.DEFINE_enum("batching", "auto", [*BATCHING, "both"],
                               "How the R restarts are batched: vmap, map, or both.")
 _MAP_BATCH_SIZE = flags.DEFINE_integer(
@@ -76,8 +82,8 @@ def _positive_ints(values: Sequence[str]) -> list[int] | None:
 
 
 flags.register_validator(
-    "victims", lambda v: bool(v) and all(name in vl.models.VICTIMS for name in v),
-    message=f"--victims must be a non-empty comma list of: {', '.join(vl.models.VICTIMS)}")
+    "victims", lambda v: bool(v) and all(name in _MODELS for name in v),
+    message=f"--victims must be a non-empty comma list of: {', '.join(_MODELS)}")
 flags.register_validator("restarts", lambda v: _positive_ints(v) is not None,
                          message="--restarts must be a comma list of positive integers")
 flags.register_validator(

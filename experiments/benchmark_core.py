@@ -4,6 +4,10 @@
 attack (1 − cosine gradient matching + spatio-temporal TV, signed Adam) against the FedSGD update
 of one synthetic clip, optionally side by side with the PyTorch peer; `markdown_table` formats
 rows. The command line is `experiments.benchmark`.
+
+Besides the project's victims, `LIBRARY_MODELS` are the c3d victim written with other libraries
+(same architecture, same weights, so the same function): their rows show what the attack makes
+of a model it did not build.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from experiments.gemm_ceiling import candidate_step_gemm_ceiling
 from experiments.host_memory import host_mark, host_peak_since
@@ -23,6 +28,10 @@ import vidleak_jax as vl
 from vidleak_jax.attack.config import resolve_batching, resolve_conv, resolve_map_batch_size
 
 NUM_CLASSES = 4
+# The c3d victim (`vidleak_jax.models.victims.C3D`) written with flax.linen (channels-last, like the
+# victim) and with plain `lax` (channels-first NCDHW / OIDHW, lax's default layout).
+LIBRARY_MODELS = ("c3d_linen", "c3d_lax")
+_C3D_STRIDES = ((1, 2, 2), (2, 2, 2), (1, 1, 1))
 
 
 def _log(msg: str) -> None:
@@ -58,6 +67,62 @@ def candidate_step_flops(attack: Any, candidate: jax.Array) -> float:
   return float((cost or {}).get("flops", float("nan")))
 
 
+def _c3d_linen(victim: Any, params: Any) -> tuple[Any, Any]:
+  """(apply_fn, params) of a flax.linen C3D computing what `victim` (a default c3d) computes."""
+  import flax.linen as linen  # only for these rows
+
+  mean, std = victim.preprocess.mean, victim.preprocess.std
+  features, classes = params["conv1"]["kernel"].shape[-1], params["head"]["kernel"].shape[-1]
+
+  class C3D(linen.Module):
+    @linen.compact
+    def __call__(self, clips):
+      x = (clips - jnp.asarray(mean, clips.dtype)) / jnp.asarray(std, clips.dtype)
+      for i, strides in enumerate(_C3D_STRIDES):
+        x = jax.nn.sigmoid(linen.Conv(features, (3, 3, 3), strides, padding="SAME",
+                                      name=f"conv{i + 1}")(x))
+      return linen.Dense(classes, name="head")(x.reshape(x.shape[0], -1))
+
+  module = C3D()
+  return lambda p, clips: module.apply({"params": p}, clips), params
+
+
+def _c3d_lax(victim: Any, params: Any, clip: tuple[int, ...]) -> tuple[Any, Any]:
+  """(apply_fn, params) of a plain-`lax` channels-first C3D computing what `victim` computes."""
+  mean, std = victim.preprocess.mean, victim.preprocess.std
+  dims = clip[:3]  # T, H, W after the SAME-padded strided convolutions
+  for strides in _C3D_STRIDES:
+    dims = tuple(-(-d // s) for d, s in zip(dims, strides))
+  head = params["head"]["kernel"]  # rows in the victim's (t, h, w, f) order -> (f, t, h, w)
+  head = head.reshape(*dims, -1, head.shape[-1]).transpose(3, 0, 1, 2, 4)
+  lax_params = {f"conv{i}": {"kernel": params[f"conv{i}"]["kernel"].transpose(4, 3, 0, 1, 2),
+                             "bias": params[f"conv{i}"]["bias"]} for i in (1, 2, 3)}
+  lax_params["head"] = {"kernel": head.reshape(-1, head.shape[-1]),
+                        "bias": params["head"]["bias"]}
+
+  def apply_fn(p, clips):
+    x = (clips - jnp.asarray(mean, clips.dtype)) / jnp.asarray(std, clips.dtype)
+    x = x.transpose(0, 4, 1, 2, 3)  # NCDHW
+    for i, strides in enumerate(_C3D_STRIDES):
+      conv = p[f"conv{i + 1}"]
+      x = lax.conv_general_dilated(x, conv["kernel"], strides, "SAME")
+      x = jax.nn.sigmoid(x + conv["bias"][:, None, None, None])
+    return x.reshape(x.shape[0], -1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+  return apply_fn, lax_params
+
+
+def library_model(name: str, victim: Any, params: Any,
+                  clip: tuple[int, ...]) -> tuple[Any, Any]:
+  """(apply_fn, params) of library model `name` (`LIBRARY_MODELS`) computing what `victim`, a
+  default c3d for clips [B, *clip] with parameters `params`, computes."""
+  if name == "c3d_linen":
+    return _c3d_linen(victim, params)
+  if name == "c3d_lax":
+    return _c3d_lax(victim, params, clip)
+  raise KeyError(f"unknown library model {name!r}; valid: {', '.join(LIBRARY_MODELS)}")
+
+
 def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, int, int],
               steps: int, steps_per_dispatch: int, seed: int, vs: str = "none",
               torch_mode: str = "auto", conv: str = "auto", precision: str = "highest",
@@ -65,14 +130,19 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
               ) -> dict[str, Any]:
   """Compiles and times `attack.run` for one victim × R × batching; returns one result row.
 
-  With `vs="torch"` the PyTorch peer is timed on the same params, target and initial candidates.
+  `victim`: a project victim or one of `LIBRARY_MODELS` (built from the c3d victim's weights).
+  With `vs="torch"` the PyTorch peer is timed on the same params, target and initial candidates
+  (for a library model: the c3d peer, which computes the same function).
   With `gemm_ceiling` the row also holds the step's matmul floor (`experiments.gemm_ceiling`).
   """
   t, h, w, c = clip
   k_model, k_data, k_init = jax.random.split(jax.random.key(seed), 3)
-  model = vl.models.create(victim, k_model, frames=t, height=h, width=w, channels=c,
+  peer = "c3d" if victim in LIBRARY_MODELS else victim
+  model = vl.models.create(peer, k_model, frames=t, height=h, width=w, channels=c,
                            num_classes=NUM_CLASSES)
-  apply_fn, params = vl.models.pure(model)
+  apply_fn, params = peer_apply_fn, peer_params = vl.models.pure(model)
+  if victim in LIBRARY_MODELS:
+    apply_fn, params = library_model(victim, model, params, clip)
   clips, labels = vl.data.synthetic.synthetic_clips(
       k_data, 1, frames=t, height=h, width=w, channels=c, num_classes=NUM_CLASSES)
   target = vl.fl.updates.client_update(apply_fn, params, clips, labels)
@@ -123,8 +193,9 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
     from experiments import torch_peer  # imports torch: only with --vs=torch
 
     torch_peer.set_float32_precision(precision)
-    peer = torch_peer.make_torch_attack(victim, params, tuple(clips.shape), target, labels,
-                                        init_candidates, config, mode=torch_mode)
+    peer_target = vl.fl.updates.client_update(peer_apply_fn, peer_params, clips, labels)
+    peer = torch_peer.make_torch_attack(peer, peer_params, tuple(clips.shape), peer_target,
+                                        labels, init_candidates, config, mode=torch_mode)
     row.update(torch_peer.time_torch_attack(peer, steps, steps_per_dispatch))
     if not row["torch_finite"]:
       _log(f"  warning: non-finite torch loss for {victim} R={restarts}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 import vidleak_jax as vl
@@ -31,6 +32,20 @@ def test_benchmark_row_is_consistent(victim):
 
   table = benchmark.markdown_table([row])
   assert table.count("\n") == 2 and f"| {victim} |" in table
+
+
+@pytest.mark.parametrize("name", benchmark.LIBRARY_MODELS)
+def test_library_models_compute_what_the_c3d_victim_computes(name):
+  clip = (4, 8, 8, 3)
+  model = vl.models.create("c3d", jax.random.key(0), frames=4, height=8, width=8, channels=3,
+                           num_classes=benchmark.NUM_CLASSES)
+  apply_fn, params = vl.models.pure(model)
+  library_fn, library_params = benchmark.library_model(name, model, params, clip)
+  clips = jax.random.uniform(jax.random.key(1), (2, *clip))
+  np.testing.assert_allclose(jax.jit(library_fn)(library_params, clips),
+                             jax.jit(apply_fn)(params, clips), rtol=1e-5, atol=1e-6)
+  with pytest.raises(KeyError, match="c3d_lax"):
+    benchmark.library_model("c3d_torch", model, params, clip)
 
 
 def test_rounds_combine_to_medians_with_paired_speedups():
