@@ -14,7 +14,7 @@ Frames are resized to `input_size` (when given) and normalised inside the extrac
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 from absl import logging
@@ -132,7 +132,7 @@ EXTRACTORS.register("r2plus1d")(R2Plus1DExtractor)
 
 
 def create_extractor(name: str, key: jax.Array, *, frames: int, height: int, width: int,
-                     channels: int, **kwargs) -> nnx.Module:
+                     channels: int, **kwargs: Any) -> nnx.Module:
   """Builds extractor `name` for clips [N, frames, height, width, channels] (random init: `key`)."""
   for arg, value in (("frames", frames), ("height", height), ("width", width),
                      ("channels", channels)):

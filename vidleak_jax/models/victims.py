@@ -7,7 +7,7 @@ model, so gradients are taken w.r.t. the clip exactly as a client would store it
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -162,7 +162,7 @@ VICTIMS.register("cnn_rnn")(CNNRNN)
 
 
 def create(name: str, key: jax.Array, *, frames: int, height: int, width: int, channels: int,
-           num_classes: int, **kwargs) -> nnx.Module:
+           num_classes: int, **kwargs: Any) -> nnx.Module:
   """Builds victim `name` for clips [B, frames, height, width, channels] with random init from `key`."""
   for arg, value in (("frames", frames), ("height", height), ("width", width),
                      ("channels", channels)):
