@@ -73,6 +73,8 @@ def test_a_refused_resume_leaves_every_file_unchanged(tmp_path):
   cfg = _tiny(tmp_path / "run")
   pipeline.run(dataclasses.replace(cfg, stages=("data",)))
   os.makedirs(os.path.join(cfg.workdir, "checkpoints", "4"))  # an attack killed mid-way
+  with open(os.path.join(cfg.workdir, ".lock"), "w", encoding="utf-8") as f:
+    f.write("process 1 on elsewhere since 2026-01-01T00:00:00\n")  # that run's lock note
   before = _digest(cfg.workdir)
   other = dataclasses.replace(cfg, attack=dataclasses.replace(cfg.attack, lr=0.5))
   with pytest.raises(pipeline.InvalidSetting, match=r"unfinished run with other settings "

@@ -59,9 +59,11 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
       captured = captured_update.load_update(cfg.gradients, build_victim(cfg)[1])
     except ValueError as e:
       raise InvalidSetting("gradients", f"gradients={cfg.gradients!r}: {e}") from None
+  if rundir.is_writer():
+    _refuse_other_settings_while_in_progress(cfg)  # before the lock: a refusal writes nothing
   with rundir.exclusive(cfg.workdir) if rundir.is_writer() else contextlib.nullcontext():
     if rundir.is_writer():
-      _refuse_other_settings_while_in_progress(cfg)
+      _refuse_other_settings_while_in_progress(cfg)  # again, now that no one else writes
       vio.write_json(rundir.path(cfg, "config.json"), flag_values or dataclasses.asdict(cfg))
       vio.write_json(rundir.path(cfg, SETTINGS_FILE), run_settings(cfg))
     with jax.default_matmul_precision(cfg.matmul_precision):
