@@ -74,7 +74,7 @@ def test_matching_in_the_input_span_recovers_every_clip_of_a_batch():
 
 
 def test_restarts_escape_a_local_minimum_of_feature_matching():
-  features = _features(seed=3)
+  features = _features(seed=7)  # a batch where one start sticks (seeds 0-11 scanned: 7 only)
   _, head_apply, params, grads = _shared("conv1d", features)
   start = jnp.full_like(features, 0.5)
   one = fa.match_features(head_apply, params, grads, LABELS, start, fa.StageConfig(steps=100))
