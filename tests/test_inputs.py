@@ -173,3 +173,13 @@ def test_a_heads_feature_inputs_are_not_range_checked():
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   with pytest.raises(ValueError, match=re.escape("labels must be class indices in [0, 4)")):
     vl.fl.client_update(head_apply, params, features, jnp.asarray([0, 4]))
+
+
+def test_a_model_whose_output_is_not_logits_is_named():
+  apply_fn, params = tiny_victim("c3d")
+  clips, labels = tiny_batch(1)
+  grads = vl.fl.client_update(apply_fn, params, clips, labels)
+  flat = lambda p, x: apply_fn(p, x).reshape(-1)  # [B*K], not [B, K]
+  with pytest.raises(ValueError, match=r"apply_fn must map clips .* to float logits \[B, K\]"):
+    vl.attack.reconstruct(jax.random.key(0), flat, params, grads, clip_shape=clips.shape,
+                          labels=labels)

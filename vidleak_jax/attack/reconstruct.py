@@ -42,11 +42,17 @@ class Reconstruction:
 
 
 def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[int, ...]:
-  """Checks clip_shape is 5 positive ints (B,T,H,W,C) that the model accepts; returns it."""
+  """Checks clip_shape is 5 positive ints (B,T,H,W,C) that the model accepts and maps to logits
+  [B, K] (a shape-only trace); returns it."""
   shape = tuple(int(s) for s in clip_shape)
   if len(shape) != 5 or min(shape) < 1:
     raise ValueError(f"clip_shape must be 5 positive integers (B, T, H, W, C), got {clip_shape}")
-  jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(shape, jnp.float32))  # raises on mismatch
+  out = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(shape, jnp.float32))
+  if not (hasattr(out, "shape") and len(out.shape) == 2 and out.shape[0] == shape[0]
+          and jnp.issubdtype(out.dtype, jnp.floating)):
+    raise ValueError(f"apply_fn must map clips {shape} to float logits [B, K] = [{shape[0]}, K], "
+                     f"got {getattr(out, 'shape', type(out).__name__)} "
+                     f"{getattr(out, 'dtype', '')}".rstrip())
   return shape
 
 
