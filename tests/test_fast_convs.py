@@ -251,7 +251,26 @@ def _linen_victim():
   return lambda p, x: model.apply({"params": p}, x), params
 
 
+def _equinox_victim():
+  eqx = pytest.importorskip("equinox")
+  keys = jax.random.split(jax.random.key(0), 3)
+  convs = [eqx.nn.Conv3d(3, 5, 3, stride=(1, 2, 2), padding=1, key=keys[0]),
+           eqx.nn.Conv3d(5, 5, 3, stride=2, padding=1, key=keys[1])]
+  model = (convs, eqx.nn.Linear(5 * 2 * 2 * 2, 4, key=keys[2]))
+  params, static = eqx.partition(model, eqx.is_array)
+
+  def apply_fn(p, clips):
+    convs, head = eqx.combine(p, static)
+    x = clips.transpose(0, 4, 1, 2, 3)  # [B, C, T, H, W]
+    for conv in convs:
+      x = jax.vmap(lambda v, conv=conv: jax.nn.sigmoid(conv(v)))(x)
+    return jax.vmap(head)(x.reshape(x.shape[0], -1))
+
+  return apply_fn, params
+
+
 MODELS = {
+    "equinox": _equinox_victim,
     "linen": _linen_victim,
     "nnx": lambda: vl.models.pure(_NnxC3D(nnx.Rngs(0))),
     "lax": lambda: (_lax_c3d, _lax_params(jax.random.key(0))),
