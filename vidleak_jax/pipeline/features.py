@@ -13,10 +13,7 @@ true features, computed only in eval).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +21,12 @@ import numpy as np
 from absl import logging
 
 from vidleak_jax import attack
-from vidleak_jax.attack import analytic, checkpoint
+from vidleak_jax.attack import analytic
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.attack.engine import init_candidates
 from vidleak_jax.pipeline import rundir
 from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.pipeline.feature_victim import FeatureVictim, build_feature_victim
-from vidleak_jax.pipeline.logs import AttackLog
 from vidleak_jax.types import Grads
 
 
@@ -60,7 +56,7 @@ def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips
   decode = None
   if fc.attack == "subspace":  # an MLPHead (RunConfig checks)
     start, decode = analytic.span_code(shared, head, start)
-  with _tracked(cfg, "stage1") as tracking:
+  with rundir.tracked(cfg, "stage1") as tracking:
     found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels,
                                           start, fc.matching, key=key, decode=decode, **tracking)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)
@@ -80,7 +76,7 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   init = init_clips(jax.random.fold_in(keys[1], 0),
                      refs if cfg.attack.init == "reference" else None, clip_shape)
   if cfg.features.attack == "end_to_end":
-    with _tracked(cfg, "end_to_end") as tracking:
+    with rundir.tracked(cfg, "end_to_end") as tracking:
       rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
                                clip_shape=clip_shape, labels=labels, config=cfg.attack,
                                references=refs, **tracking)
@@ -90,7 +86,7 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   else:
     features_hat, feature_history = _stage_one(cfg, victim, shared, labels, init,
                                                jax.random.fold_in(keys[1], 1))
-    with _tracked(cfg, "stage2") as tracking:
+    with rundir.tracked(cfg, "stage2") as tracking:
       found = feature_attack.invert_features(victim.extract, features_hat, init,
                                              cfg.features.inversion, **tracking)
     clips_hat, loss, history = np.asarray(found.value), found.loss, found.history
@@ -104,18 +100,8 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
       snapshot_objectives=np.asarray([history[0, 0], loss], np.float32),
       snapshots=np.stack([init, clips_hat]), features=np.asarray(features_hat),
       history_features=np.asarray(feature_history))
-  if rundir.is_writer():  # the outputs are written: the progress they hold is no longer needed
-    shutil.rmtree(rundir.path(cfg, "checkpoints"), ignore_errors=True)
+  rundir.drop_checkpoints(cfg)
 
-
-@contextlib.contextmanager
-def _tracked(cfg: RunConfig, name: str) -> Iterator[dict[str, Any]]:
-  """Keyword arguments that give the optimisation `name` a progress bar and log (`AttackLog`),
-  checkpoints in <workdir>/checkpoints/<name> (a rerun resumes) and a SIGTERM stop."""
-  with checkpoint.stop_on_sigterm() as stop, AttackLog(
-      cfg.workdir, quiet=cfg.quiet, write=rundir.is_writer(), name=name) as log:
-    yield {"progress": log, "checkpoint_dir": rundir.path(cfg, os.path.join("checkpoints", name)),
-           "checkpoint_every": cfg.checkpoint_every, "should_stop": stop.is_set}
 
 
 def first_layer_separation(victim: FeatureVictim, features: jax.Array,

@@ -3,17 +3,14 @@ update, then `attack.reconstruct` on what the attacker sees)."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 from absl import logging
 
 from vidleak_jax import attack
-from vidleak_jax.attack import checkpoint
 from vidleak_jax.data import sources
 from vidleak_jax.pipeline import rundir
 from vidleak_jax.pipeline.config import RunConfig
-from vidleak_jax.pipeline.logs import AttackLog
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.types import Grads
 
@@ -42,20 +39,16 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   # --- attacker side: from here on only public information and the shared update ---
   clip_shape = (cfg.batch_size, *cfg.clip_shape)
   references = rundir.attack_references(cfg)
-  checkpoints = rundir.path(cfg, "checkpoints")
-  with checkpoint.stop_on_sigterm() as stop, AttackLog(
-      cfg.workdir, quiet=cfg.quiet, write=rundir.is_writer()) as log:
+  with rundir.tracked(cfg) as tracking:
     rec = attack.reconstruct(rundir.keys(cfg.seed)["attack"], apply_fn, params, shared,
                              clip_shape=clip_shape, labels=known, config=cfg.attack,
-                             progress=log, references=references, checkpoint_dir=checkpoints,
-                             checkpoint_every=cfg.checkpoint_every, should_stop=stop.is_set)
+                             references=references, **tracking)
   rundir.save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
               clips_lowres=rec.clips_lowres, labels=np.asarray(rec.labels),
               loss=np.asarray(rec.loss), restart_losses=rec.restart_losses,
               init_clips=rec.init_clips, compile_s=np.asarray(rec.compile_s),
               snapshot_steps=rec.snapshot_steps, snapshot_objectives=rec.snapshot_objectives,
               snapshots=rec.snapshots, **{f"history_{k}": v for k, v in rec.history.items()})
-  if rundir.is_writer():  # the outputs are written: the progress they hold is no longer needed
-    shutil.rmtree(checkpoints, ignore_errors=True)
+  rundir.drop_checkpoints(cfg)
   logging.info("attack: objective %.5g (best of %d restarts), labels %s", rec.loss,
                cfg.attack.restarts, np.asarray(rec.labels).tolist())

@@ -10,15 +10,18 @@ import contextlib
 import datetime
 import fcntl
 import os
+import shutil
 import socket
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 
 from vidleak_jax import fl
 from vidleak_jax import io as vio
+from vidleak_jax.attack import checkpoint
 from vidleak_jax.pipeline.config import RunConfig
+from vidleak_jax.pipeline.logs import AttackLog
 from vidleak_jax.settings import InvalidSetting
 from vidleak_jax.tree_io import flatten_tree, unflatten_like
 from vidleak_jax.types import Grads
@@ -136,3 +139,24 @@ def shared_update(cfg: RunConfig, apply_fn, params, captured: Grads | None):
   save(cfg, "shared_update.npz", **shared)
   known = labels if cfg.known_labels else None
   return unflatten_like(params, shared, name="shared_update.npz"), known
+
+
+CHECKPOINTS = "checkpoints"
+
+
+@contextlib.contextmanager
+def tracked(cfg: RunConfig, name: str = "attack") -> Iterator[dict[str, Any]]:
+  """Keyword arguments of `attack.reconstruct` / the feature stages that give the optimisation
+  `name` a progress bar and log (`AttackLog`), checkpoints (<workdir>/checkpoints for the frame
+  attack, <workdir>/checkpoints/<name> otherwise; a rerun resumes) and a SIGTERM stop."""
+  directory = path(cfg, CHECKPOINTS if name == "attack" else os.path.join(CHECKPOINTS, name))
+  with checkpoint.stop_on_sigterm() as stop, AttackLog(
+      cfg.workdir, quiet=cfg.quiet, write=is_writer(), name=name) as log:
+    yield {"progress": log, "checkpoint_dir": directory,
+           "checkpoint_every": cfg.checkpoint_every, "should_stop": stop.is_set}
+
+
+def drop_checkpoints(cfg: RunConfig) -> None:
+  """Once the attack's outputs are written, the progress the checkpoints hold is not needed."""
+  if is_writer():
+    shutil.rmtree(path(cfg, CHECKPOINTS), ignore_errors=True)
