@@ -14,7 +14,7 @@ from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, check_state_fits, drive
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
-from vidleak_jax.inputs import check_clips, check_labels, num_classes
+from vidleak_jax.inputs import check_clips, check_labels
 from vidleak_jax.tree_io import validate_target_grads
 from vidleak_jax.types import ApplyFn, Grads, Params
 
@@ -44,6 +44,11 @@ class Reconstruction:
 def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[int, ...]:
   """Checks clip_shape is 5 positive ints (B,T,H,W,C) that the model accepts and maps to logits
   [B, K] (a shape-only trace); returns it."""
+  return _checked_shapes(apply_fn, params, clip_shape)[0]
+
+
+def _checked_shapes(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[tuple[int, ...], int]:
+  """(clip_shape as `validate_clip_shape` checks it, K) from one shape-only trace."""
   shape = tuple(int(s) for s in clip_shape)
   if len(shape) != 5 or min(shape) < 1:
     raise ValueError(f"clip_shape must be 5 positive integers (B, T, H, W, C), got {clip_shape}")
@@ -53,7 +58,7 @@ def validate_clip_shape(apply_fn: ApplyFn, params: Params, clip_shape) -> tuple[
     raise ValueError(f"apply_fn must map clips {shape} to float logits [B, K] = [{shape[0]}, K], "
                      f"got {getattr(out, 'shape', type(out).__name__)} "
                      f"{getattr(out, 'dtype', '')}".rstrip())
-  return shape
+  return shape, int(out.shape[1])
 
 
 def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads, *,
@@ -84,11 +89,10 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   """
   if checkpoint_every < 1:
     raise ValueError(f"checkpoint_every must be >= 1 (dispatches), got {checkpoint_every}")
-  clip_shape = validate_clip_shape(apply_fn, params, clip_shape)
+  clip_shape, logits = _checked_shapes(apply_fn, params, clip_shape)
   validate_target_grads(params, target_grads)
-  spec = jax.ShapeDtypeStruct(clip_shape, jnp.float32)
   if labels is not None:
-    labels = check_labels(labels, lambda: num_classes(apply_fn, params, spec), clip_shape[0])
+    labels = check_labels(labels, logits, clip_shape[0])
   if references is not None:
     references = check_clips(references, "references", layout=None)
   label_key, init_key = jax.random.split(key)
