@@ -40,7 +40,8 @@ class Section:
 
 
 SECTIONS = (
-    Section("", exempt={"attack": NESTED, "features": NESTED, "sr": NESTED,
+    Section("", exempt={"attack": NESTED, "features": NESTED, "sr": NESTED, "local": NESTED,
+                        "train": NESTED,
                         "victim_kwargs": "option flags --victim_features, --activation, "
                                          "--pooling, --input_size"}),
     Section("attack", exempt={"priors": "option flags --tv_spatial, --tv_temporal",
@@ -59,6 +60,8 @@ SECTIONS = (
                                     "stage 2 starts once, from stage 1's result")}),
     Section("features.pretrain", prefix="pretrain_", renames={"batch_size": "pretrain_batch"}),
     Section("sr", prefix="sr_", renames={"method": "sr"}),
+    Section("local", prefix="local_"),
+    Section("train", prefix="fl_"),
 )
 
 

@@ -69,8 +69,8 @@ def test_frozen_extractor_is_not_part_of_the_client_update():
   grads = jax.jit(vl.fl.client_update, static_argnums=0)(apply_fn, params, clips, labels)
   assert leaf_paths(grads) == leaf_paths(params) == [
       "fc1/bias", "fc1/kernel", "head/bias", "head/kernel"]
-  delta = jax.jit(vl.fl.fedavg_update, static_argnums=0, static_argnames="local_steps")(
-      apply_fn, params, clips, labels, local_steps=3, learning_rate=0.5)
+  delta = jax.jit(vl.fl.fedavg_update, static_argnums=0, static_argnames="local")(
+      apply_fn, params, clips, labels, local=vl.fl.LocalTraining(epochs=3, lr=0.5))
   assert leaf_paths(delta) == leaf_paths(params)
   assert all(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(delta))  # the head trains
   np.testing.assert_array_equal(np.asarray(extract(clips)), before)  # the extractor does not

@@ -44,8 +44,8 @@ def test_bad_labels_are_refused_by_every_entry_point(labels, expected):
   target = vl.fl.client_update(apply_fn, params, clips, good)
   calls = {
       "client_update": lambda: vl.fl.client_update(apply_fn, params, clips, labels),
-      "fedavg_update": lambda: vl.fl.fedavg_update(apply_fn, params, clips, labels, local_steps=2,
-                                                   learning_rate=0.1),
+      "fedavg_update": lambda: vl.fl.fedavg_update(apply_fn, params, clips, labels, local=vl.fl.LocalTraining(epochs=2,
+                                                   lr=0.1)),
       "gradient_matching_loss": lambda: vl.attack.gradient_matching_loss(
           apply_fn, params, target, clips, labels),
       "reconstruct": lambda: _reconstruct(apply_fn, params, target, clips, labels=labels),
@@ -82,7 +82,7 @@ def test_uint8_clips_are_refused_with_the_scaling_hint():
   with pytest.raises(ValueError, match=message):
     vl.fl.client_update(apply_fn, params, raw, labels)
   with pytest.raises(ValueError, match=message):
-    vl.fl.fedavg_update(apply_fn, params, raw, labels, local_steps=1, learning_rate=0.1)
+    vl.fl.fedavg_update(apply_fn, params, raw, labels, local=vl.fl.LocalTraining(epochs=1, lr=0.1))
   with pytest.raises(ValueError, match="clips must have a floating dtype .*got int32$"):
     vl.fl.client_update(apply_fn, params, jnp.asarray(raw, jnp.int32), labels)
 
@@ -157,8 +157,8 @@ def test_valid_inputs_give_the_same_numbers_eagerly_under_jit_and_vmap():
   batched = jax.jit(jax.vmap(loss))(candidates)
   np.testing.assert_allclose(batched, [loss(c) for c in candidates], rtol=1e-5, atol=1e-6)
   assert float(jax.jit(loss)(clips)) < 1e-5
-  delta = jax.jit(vl.fl.fedavg_update, static_argnums=0, static_argnames="local_steps")(
-      apply_fn, params, clips, labels, local_steps=1, learning_rate=0.5)
+  delta = jax.jit(vl.fl.fedavg_update, static_argnums=0, static_argnames="local")(
+      apply_fn, params, clips, labels, local=vl.fl.LocalTraining(epochs=1, lr=0.5))
   for d, g in zip(jax.tree.leaves(delta), jax.tree.leaves(expected)):
     np.testing.assert_allclose(d, 0.5 * g, rtol=1e-4, atol=1e-7)
   validate_target_grads(params, eager)

@@ -74,7 +74,7 @@ def test_attack_without_data_explains_which_stage_is_missing(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("extra, batch_size", [
     (("--batch_size=2", "--steps=60", "--references=2"), 2),  # batch label recovery + matching
-    (("--update=fedavg", "--local_steps=2", "--metric=cosine", "--steps=60"), 1),
+    (("--update=fedavg", "--local_epochs=2", "--metric=cosine", "--steps=60"), 1),
 ])
 def test_batches_and_fedavg_updates_leak(tmp_path, extra, batch_size):
   workdir = tmp_path / "run"

@@ -1,6 +1,7 @@
 """The resumable training loop behind the extractor pre-training and the SR networks.
 
-`train(loss_fn, params, optimizer, steps=...)` runs `optimizer` on `loss_fn(params, step)`, whose
+`run_steps(step_fn, state, steps=...)` is the loop (FedAvg rounds run on it); `train(loss_fn,
+params, optimizer, steps=...)` runs `optimizer` on `loss_fn(params, step)`, whose
 minibatch the caller draws from (key, step), so a run resumed from a checkpoint ends exactly as an
 uninterrupted one. With a `directory`, orbax checkpoints there hold {"params", "opt_state"} and
 JSON metadata: the caller's `identity` (what was trained, on what) and the loss of every step so
@@ -155,6 +156,48 @@ def exclusive(directory: str | None) -> Iterator[None]:
     yield
 
 
+StepFn = Callable[[Any, jax.Array], tuple[Any, jax.Array]]  # (state, step) -> (state, value)
+
+
+def run_steps(step_fn: StepFn, state: Any, *, steps: int, directory: str | None = None,
+              identity: dict[str, Any] | None = None, save_every: int = 100,
+              progress: Callable[[int, int, float], None] | None = None,
+              key: str = "losses") -> tuple[Any, np.ndarray]:
+  """`steps` calls of `step_fn` (jitted once) from `state`; returns (state, float32 values[steps]).
+
+  `step_fn(state, step int32[])` returns the next state and one scalar to record (a loss, an
+  accuracy). With `directory`: resumes from its newest checkpoint (same `identity` required),
+  saves every `save_every` steps and at the end (the state's arrays, and `identity` plus the
+  values so far under `key` as JSON), holding `exclusive(directory)` throughout; the caller
+  draws any randomness from (key, step), so a resumed run ends exactly as an uninterrupted one.
+  `progress(done, steps, value)` is called after every step.
+  """
+  if steps < 1 or save_every < 1:
+    raise ValueError(f"steps and save_every must be >= 1, got {steps} and {save_every}")
+  identity = dict(identity or {})
+  with exclusive(directory):
+    values: list[float] = []
+    found = None if directory is None else restore(directory, state, identity, steps)
+    if found is not None:
+      state, meta = found
+      values = [float(v) for v in meta.get(key, [])][:meta["step"]]
+    jitted = jax.jit(step_fn)
+    manager = None if directory is None else _manager(directory, create=True)
+    try:
+      for i in range(len(values), steps):
+        state, value = jitted(state, jnp.int32(i))
+        values.append(float(value))
+        done = i + 1
+        if manager is not None and (done % save_every == 0 or done == steps):
+          save(manager, done, state, {**identity, key: values})
+        if progress is not None:
+          progress(done, steps, values[-1])
+    finally:
+      if manager is not None:
+        _close(manager)
+  return state, np.asarray(values, np.float32)
+
+
 def train(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation, *, steps: int,
           directory: str | None = None, identity: dict[str, Any] | None = None,
           save_every: int = 100,
@@ -162,42 +205,17 @@ def train(loss_fn: LossFn, params: Any, optimizer: optax.GradientTransformation,
   """`steps` optimizer steps on `loss_fn`; returns (params, float32 losses[steps]).
 
   With `directory`: resumes from its newest checkpoint (same `identity` required), saves every
-  `save_every` steps and at the end, holding `exclusive(directory)` throughout.
+  `save_every` steps and at the end, holding `exclusive(directory)` throughout (`run_steps`).
   `progress(done, steps, loss)` is called after every step.
   """
-  if steps < 1 or save_every < 1:
-    raise ValueError(f"steps and save_every must be >= 1, got {steps} and {save_every}")
-  with exclusive(directory):
-    return _train(loss_fn, params, optimizer, steps, directory, dict(identity or {}),
-                  save_every, progress)
 
-
-def _train(loss_fn, params, optimizer, steps, directory, identity, save_every, progress):
-  state = {"params": params, "opt_state": optimizer.init(params)}
-  losses: list[float] = []
-  found = None if directory is None else restore(directory, state, identity, steps)
-  if found is not None:
-    state, meta = found
-    losses = [float(v) for v in meta.get("losses", [])][:meta["step"]]
-
-  @jax.jit
   def step_fn(state, step):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], step)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and floats
       updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
 
-  manager = None if directory is None else _manager(directory, create=True)
-  try:
-    for i in range(len(losses), steps):
-      state, loss = step_fn(state, jnp.int32(i))
-      losses.append(float(loss))
-      done = i + 1
-      if manager is not None and (done % save_every == 0 or done == steps):
-        save(manager, done, state, {**identity, "losses": losses})
-      if progress is not None:
-        progress(done, steps, losses[-1])
-  finally:
-    if manager is not None:
-      _close(manager)
-  return state["params"], np.asarray(losses, np.float32)
+  state, losses = run_steps(step_fn, {"params": params, "opt_state": optimizer.init(params)},
+                            steps=steps, directory=directory, identity=identity,
+                            save_every=save_every, progress=progress)
+  return state["params"], losses

@@ -12,6 +12,7 @@ from vidleak_jax.attack.objectives import DISTANCES
 from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
 from vidleak_jax.attack.parametrize import ATTACK_SCALES, PARAMETRIZATIONS
 from vidleak_jax.attack.priors import PRIORS
+from vidleak_jax.fl.local import APPROXIMATIONS
 from vidleak_jax.settings import check, check_choice, setting, validate_fields
 
 BATCHING = ("auto", "vmap", "map")
@@ -73,6 +74,11 @@ class AttackConfig:
                                "(background_residual).")
   attack_scale: int = setting(1, help="Candidates live at H/s x W/s and are upsampled "
                               "bicubically to the victim's size.", choices=ATTACK_SCALES)
+  replay: str = setting("order", help="Against a FedAvg update: replay the client's local "
+                        "training in its mini-batch order (order: the attacker knows it), with "
+                        "every step on the whole batch (full_batch: the order is unknown), or "
+                        "match one scaled gradient (fedsgd: the FedSGD approximation).",
+                        choices=APPROXIMATIONS)
 
   def __post_init__(self):
     validate_fields(self)

@@ -22,6 +22,8 @@ from vidleak_jax.attack.optimizers import make_optimizer
 from vidleak_jax.attack.parametrize import make_parametrization
 from vidleak_jax.attack.priors import PRIORS
 from vidleak_jax.data.clips import resize
+from vidleak_jax.fl.local import UpdateFn
+from vidleak_jax.fl.updates import client_update
 from vidleak_jax.types import ApplyFn, Grads, Labels, Params
 
 # x [...] (one candidate) -> (objective [], {metric name: []}).
@@ -166,12 +168,14 @@ def make_optimisation(objective: ObjectiveFn, starts: Callable[[jax.Array], jax.
 
 def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: Labels,
                 clip_shape: tuple[int, ...], config: AttackConfig, *,
-                references: jax.Array | None = None) -> Attack:
+                references: jax.Array | None = None,
+                update_fn: UpdateFn = client_update) -> Attack:
   """Builds the attack for clips of `clip_shape` (B,T,H,W,C) with known/recovered `labels` [B].
 
   `references` [k,H,W,C]: the attacker's frames of the same camera (used by init="reference" and
   param="background_residual"). The optimised latents follow `config.param` and
-  `config.attack_scale` (see `vidleak_jax.attack.parametrize`).
+  `config.attack_scale` (see `vidleak_jax.attack.parametrize`). `update_fn`: what the client
+  computed from its clips (see `gradient_matching_loss`).
   """
   if config.init == "reference":
     expected = (*clip_shape[2:],)
@@ -187,7 +191,8 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
     # config.conv "auto"/"im2col": the victim's convolutions rewritten as patches + matmuls
     # (`fast_convs`), once per trace of the objective.
     match = gradient_matching_loss(apply_fn, params, target_grads, clips, labels, config.metric,
-                                   layer_weights=config.layer_weights, conv=config.conv)
+                                   layer_weights=config.layer_weights, conv=config.conv,
+                                   update_fn=update_fn)
     total = match + sum(w * fn(clips) for fn, w in priors)
     if param.penalty is not None:
       total = total + param.penalty(latents)

@@ -160,7 +160,8 @@ def counts_from_bias_grad(bias_grad: np.ndarray, batch_size: int,
 
 def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads,
                    clip_shape: tuple[int, ...], *, layer: str | None = None,
-                   references: jax.Array | None = None, num_probe_clips: int = 16) -> jax.Array:
+                   references: jax.Array | None = None, num_probe_clips: int = 16,
+                   trajectory: tuple[int, float] | None = None) -> jax.Array:
   """Recovers the B labels of the client batch from `target_grads`; returns int32 [B], sorted.
 
   B = 1: iDLG — for softmax cross-entropy ∂L/∂b = softmax − onehot, whose only negative entry
@@ -174,6 +175,13 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
 
   The output bias is located by what it does (`output_bias_index`), whatever its name; `layer`
   (a leaf path or a layer holding a `bias`) overrides the search.
+
+  `trajectory=(steps, lr)`: `target_grads` is a FedAvg delta of `steps` local SGD steps at
+  learning rate lr (Dimitrov et al., TMLR 2022): its bias part is lr × the sum of the steps'
+  bias gradients, so it is divided by lr × steps, and mean(softmax) is averaged over the models
+  along the delta, params − (t / steps) × delta for t = 0..steps−1 (the attacker does not know
+  the intermediate models; the straight path is its estimate). The sign test at B = 1 is
+  unchanged by the positive scale.
   """
   batch_size = clip_shape[0]
   logits_shape = jax.eval_shape(apply_fn, params, jnp.zeros((1, *clip_shape[1:]), jnp.float32))
@@ -183,6 +191,15 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
                                                clip_shape=clip_shape))
   if batch_size == 1:
     return jnp.asarray([int(np.argmin(bias_grad))], jnp.int32)
+  models = [params]
+  if trajectory is not None:
+    steps, lr = trajectory
+    if steps < 1 or not lr > 0:
+      raise ValueError(f"trajectory must be (local steps >= 1, learning rate > 0), got "
+                       f"{trajectory}")
+    bias_grad = bias_grad / (lr * steps)
+    models = [jax.tree.map(lambda p, d, t=t: p - (t / steps) * d, params, target_grads)
+              for t in range(steps)]
   if references is not None and len(references):
     if tuple(references.shape[1:]) != tuple(clip_shape[2:]):
       raise ValueError(f"references must be [k, {', '.join(map(str, clip_shape[2:]))}] frames "
@@ -190,6 +207,7 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
     probes = jnp.repeat(jnp.asarray(references, jnp.float32)[:, None], clip_shape[1], axis=1)
   else:
     probes = jax.random.uniform(key, (num_probe_clips, *clip_shape[1:]))
-  mean_probs = np.asarray(jax.nn.softmax(apply_fn(params, probes)).mean(axis=0))
+  mean_probs = np.mean([np.asarray(jax.nn.softmax(apply_fn(m, probes)).mean(axis=0))
+                        for m in models], axis=0)
   counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
   return jnp.asarray(np.repeat(np.arange(num_classes), counts), jnp.int32)

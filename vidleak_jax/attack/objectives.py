@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from vidleak_jax.attack.fast_convs import fast_convs
+from vidleak_jax.fl.local import UpdateFn
 from vidleak_jax.fl.updates import client_update
 from vidleak_jax.registry import Registry
 from vidleak_jax.tree_io import leaf_paths  # re-exported: other attack modules import it from here
@@ -67,8 +68,11 @@ def resolve_layer_weights(tree, layer_weights: Mapping[str, float] | None) -> li
 def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grads, clips: Clip,
                            labels: Labels, metric: str = "cosine", *,
                            layer_weights: Mapping[str, float] | None = None,
-                           conv: str = "auto") -> jax.Array:
-  """Scalar distance between the FedSGD gradient of (clips[B,T,H,W,C], labels[B]) and target_grads.
+                           conv: str = "auto", update_fn: UpdateFn = client_update) -> jax.Array:
+  """Scalar distance between the update of (clips[B,T,H,W,C], labels[B]) and target_grads.
+
+  `update_fn(apply_fn, params, clips, labels)`: what the client computed, by default its FedSGD
+  gradient (`client_update`); for FedAvg, `vidleak_jax.fl.replay(...)` replays its local training.
 
   Pure: differentiable w.r.t. `clips` and usable under `jax.jit` / `jax.vmap`. `clips` and `labels`
   as in `client_update` (floating clips in [0, 1]; int labels [B] in [0, K) or label probabilities
@@ -90,6 +94,6 @@ def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grad
   if conv == "auto" and not any(isinstance(leaf, jax.core.Tracer)
                                 for leaf in jax.tree.leaves((params, clips))):
     conv = "xla"
-  grads = client_update(fast_convs(apply_fn, conv), params, clips, labels)
+  grads = update_fn(fast_convs(apply_fn, conv), params, clips, labels)
   weights = resolve_layer_weights(params, layer_weights)
   return distance(jax.tree.leaves(grads), jax.tree.leaves(target_grads), weights)

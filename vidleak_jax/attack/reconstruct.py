@@ -14,6 +14,8 @@ from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, check_state_fits, drive
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
+from vidleak_jax.fl.local import UpdateFn
+from vidleak_jax.fl.updates import client_update
 from vidleak_jax.inputs import check_clips, check_labels
 from vidleak_jax.tree_io import validate_target_grads
 from vidleak_jax.types import ApplyFn, Grads, Params
@@ -68,7 +70,9 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
                 mesh: jax.sharding.Mesh | None | str = "auto",
                 references: jax.Array | None = None,
                 checkpoint_dir: str | None = None, checkpoint_every: int = 1,
-                should_stop: Callable[[], bool] | None = None) -> Reconstruction:
+                should_stop: Callable[[], bool] | None = None,
+                update_fn: UpdateFn = client_update,
+                label_trajectory: tuple[int, float] | None = None) -> Reconstruction:
   """Optimises R candidate batches of clips [B,T,H,W,C] whose gradient matches `target_grads`.
 
   `target_grads`: params' structure, shapes and dtypes (float32 gradients of float32 params),
@@ -86,6 +90,10 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   dispatch (of `config.log_every` steps) except the last; a resumed run returns exactly what an
   uninterrupted one returns. `should_stop` is asked after every dispatch; when it returns True
   (on any process) a checkpoint is saved and `checkpoint.AttackInterrupted` raised.
+
+  `update_fn`: what the client computed from its clips; the default is the FedSGD gradient; for
+  a FedAvg delta pass `vidleak_jax.fl.replay(local, order=...)` (the attack then matches the
+  replayed local training) and `label_trajectory=(local steps, local lr)` for label recovery.
   """
   if checkpoint_every < 1:
     raise ValueError(f"checkpoint_every must be >= 1 (dispatches), got {checkpoint_every}")
@@ -98,11 +106,12 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   label_key, init_key = jax.random.split(key)
   if labels is None:
     labels = recover_labels(label_key, apply_fn, params, target_grads, clip_shape,
-                            references=references)
+                            references=references, trajectory=label_trajectory)
   labels = jnp.asarray(labels)
 
   attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config,
-                       references=None if references is None else jnp.asarray(references))
+                       references=None if references is None else jnp.asarray(references),
+                       update_fn=update_fn)
   check_state_fits(attack.init, init_key, config)  # before anything is allocated
   state: AttackState = jax.jit(attack.init)(init_key)
   init_candidates = np.asarray(state.candidates)  # host copy: the state's buffers get donated

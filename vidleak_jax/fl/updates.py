@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -48,20 +47,3 @@ def client_update(apply_fn: ApplyFn, params: Params, clips: Clip, labels: Labels
   clips, labels = check_update_inputs(apply_fn, params, clips, labels)
   return _client_grads(apply_fn, params, clips, labels)
 
-
-def fedavg_update(apply_fn: ApplyFn, params: Params, clips: Clip, labels: Labels, *,
-                  local_steps: int, learning_rate: float) -> Grads:
-  """FedAvg update (params_before - params_after) after `local_steps` full-batch SGD steps.
-
-  `clips` and `labels` as in `client_update` (checked once, outside the loop).
-  """
-  if local_steps < 1:
-    raise ValueError(f"local_steps must be >= 1, got {local_steps}")
-  clips, labels = check_update_inputs(apply_fn, params, clips, labels)
-
-  def sgd(_, p):
-    g = _client_grads(apply_fn, p, clips, labels)
-    return jax.tree.map(lambda w, d: w - learning_rate * d, p, g)
-
-  trained = jax.lax.fori_loop(0, local_steps, sgd, params)
-  return jax.tree.map(jnp.subtract, params, trained)

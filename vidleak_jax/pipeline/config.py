@@ -14,13 +14,15 @@ from vidleak_jax import models
 from vidleak_jax.attack import AttackConfig
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.data import sources
+from vidleak_jax.fl import LocalTraining
 from vidleak_jax.models import extractors, heads
 from vidleak_jax.pretrain import PretrainConfig
 from vidleak_jax.settings import (InvalidChoice, InvalidSetting, check, setting,
                                   validate_fields)
 from vidleak_jax.sr import SRConfig
 
-STAGES = ("pretrain", "data", "attack", "sr", "eval")  # pretrain: feature pipeline only
+# pretrain: the feature pipeline's extractor; train: FedAvg rounds before the attacked round
+STAGES = ("pretrain", "train", "data", "attack", "sr", "eval")
 # jax.default_matmul_precision values; "highest" keeps float32 products exact to float32 on GPUs
 # (their "default" may use TF32 passes, which blurs the gradients an attack matches).
 MATMUL_PRECISIONS = ("default", "high", "highest")
@@ -81,6 +83,29 @@ class FeatureConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """The `train` stage: FedAvg rounds of a client population (the `local` settings) that train
+  the global model before the attacked round (see `vidleak_jax.pipeline.train`)."""
+
+  rounds: int = setting(0, help="FedAvg rounds that train the global model before the attacked "
+                        "round (0: the attack sees a freshly initialised model).")
+  clients: int = setting(4, help="Clients per training round (all take part every round).")
+  client_clips: int = setting(8, help="Clips each training client holds.")
+  test_clips: int = setting(64, help="Held-out clips on which test accuracy (utility) is "
+                            "reported after every round.")
+  data: str = setting("synthetic", help="The training population's clips (a --data spec); "
+                      "synthetic clips come from other cameras than the attacked client's.")
+
+  def __post_init__(self):
+    validate_fields(self)
+    _check_data_spec("data", self.data)
+    for field in ("rounds",):
+      check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
+    for field in ("clients", "client_clips", "test_clips"):
+      check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
   """All settings of one run; `experiments.main` fills it from flags."""
 
@@ -103,9 +128,17 @@ class RunConfig:
   victim_kwargs: dict[str, Any] = setting(
       help="Victim options (flags --victim_features, --activation, --pooling, --input_size).",
       default_factory=dict)
-  update: str = setting("fedsgd", help="What the client shares.", choices=UPDATES)
-  local_steps: int = setting(1, help="FedAvg local SGD steps.")
-  local_lr: float = setting(0.1, help="FedAvg local learning rate.")
+  update: str = setting("fedsgd", help="What the client shares: its gradient (fedsgd) or its "
+                        "weight delta after local training (fedavg, see the local settings).",
+                        choices=UPDATES)
+  local: LocalTraining = setting(LocalTraining(), help="FedAvg clients' local training.")
+  clients: int = setting(1, help="Clients N in the attacked round, B clips each: the attacker "
+                         "sees only the example-weighted mean of their updates (what secure "
+                         "aggregation reveals) and attacks it as one batch of N*B clips.")
+  train: TrainConfig = setting(TrainConfig(), help="The train stage.")
+  victim_weights: str | None = setting(
+      None, help="Attack a model trained elsewhere: a .safetensors or .npz file of the victim's "
+      "parameters (keys = parameter paths); replaces the train stage.")
   known_labels: bool = setting(False, help="Give the attacker the true labels (else recovered).")
   gradients: str | None = setting(None, help="Attack this captured update (.npz or .safetensors, "
                                   "keys = parameter paths, see README) instead of the client's; "
@@ -136,11 +169,15 @@ class RunConfig:
     _check_data_spec("data", self.data)
     check("pooling" not in self.victim_kwargs or self.victim == "frame_cnn",
           "victim_kwargs.pooling", f"applies to victim='frame_cnn', not {self.victim!r}")
-    for field in ("frame_stride", "batch_size", "local_steps", "png_scale", "checkpoint_every"):
+    for field in ("frame_stride", "batch_size", "clients", "png_scale", "checkpoint_every"):
       check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
     check(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
     check(self.references >= 0, "references", f"must be >= 0, got {self.references}")
-    check(self.local_lr >= 0, "local_lr", f"must be >= 0, got {self.local_lr}")
+    if self.update == "fedavg":
+      try:
+        self.local.minibatch(self.batch_size)
+      except ValueError as e:
+        raise InvalidSetting("local.batch_size", str(e)) from None
     check(self.gif_fps >= 0.1, "gif_fps", f"must be >= 0.1, got {self.gif_fps}")
     check(self.sr.method in ("none", "bicubic", "lanczos3") or self.clip_shape[3] == 3, "sr",
           f"method {self.sr.method!r}: its networks are trained on RGB frames; clips have "

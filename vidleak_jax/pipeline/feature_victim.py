@@ -21,6 +21,7 @@ from vidleak_jax.data import sources
 from vidleak_jax.models import extractors, heads
 from vidleak_jax.pipeline import rundir
 from vidleak_jax.pipeline.config import RunConfig
+from vidleak_jax.pipeline.weights import attacked_weights
 
 
 class FeatureVictim(NamedTuple):
@@ -72,14 +73,17 @@ def _extractor(cfg: RunConfig):
   return module
 
 
-def build_feature_victim(cfg: RunConfig) -> FeatureVictim:
-  """Extractor (with its locally pre-trained weights) + freshly initialised head."""
+def build_feature_victim(cfg: RunConfig, *, trained: bool = True) -> FeatureVictim:
+  """Extractor (with its locally pre-trained weights) + head: the attacked round's head weights
+  (`weights.attacked_weights`) when `trained`, else freshly initialised."""
   module = _extractor(cfg)
   extract = extractors.frozen(module)
   head = heads.create_head(cfg.features.head, feature_keys(cfg.seed)["head"],
                            frames=cfg.clip_shape[0], dim=module.out_features,
                            num_classes=cfg.num_classes, **cfg.features.head_kwargs)
   apply_fn, head_apply, params = heads.feature_victim(extract, head)
+  if trained:
+    params = attacked_weights(cfg, params)
   return FeatureVictim(apply_fn, params, head_apply, extract, head)
 
 

@@ -48,10 +48,10 @@ def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips
     logging.info("stage 1 (analytic): %d of %d clip(s) recovered in closed form", count,
                  len(start))
     return found, np.zeros((0,))
-  if getattr(head, "depth", None) == 0 and cfg.batch_size >= cfg.num_classes:
+  if getattr(head, "depth", None) == 0 and rundir.attacked_clips(cfg) >= cfg.num_classes:
     logging.warning("stage 1: a linear head's gradient does not identify its inputs at B = %d >= "
                     "K = %d classes (`invisible_input_shifts`); the feature error then measures "
-                    "the attack's starting point as much as the leak", cfg.batch_size,
+                    "the attack's starting point as much as the leak", rundir.attacked_clips(cfg),
                     cfg.num_classes)
   decode = None
   if fc.attack == "subspace":  # an MLPHead (RunConfig checks)
@@ -68,18 +68,24 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   victim = build_feature_victim(cfg)
   shared, known = rundir.shared_update(cfg, victim.apply_fn, victim.params, captured)
   # --- attacker side: the head's params, the frozen extractor, the shared update ---
-  clip_shape = (cfg.batch_size, *cfg.clip_shape)
+  clip_shape = (rundir.attacked_clips(cfg), *cfg.clip_shape)
   keys = jax.random.split(rundir.keys(cfg.seed)["attack"])
   refs = rundir.attack_references(cfg)
   labels = known if known is not None else attack.recover_labels(
-      keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs)
+      keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs,
+      trajectory=rundir.label_trajectory(cfg))
+  if cfg.update == "fedavg" and cfg.features.attack != "end_to_end":
+    logging.warning("stage 1 matches the head's FedAvg delta as if it were one gradient (the "
+                    "FedSGD approximation); feature_attack='end_to_end' replays the local "
+                    "training")
   init = init_clips(jax.random.fold_in(keys[1], 0),
                      refs if cfg.attack.init == "reference" else None, clip_shape)
   if cfg.features.attack == "end_to_end":
     with rundir.tracked(cfg, "end_to_end") as tracking:
       rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
                                clip_shape=clip_shape, labels=labels, config=cfg.attack,
-                               references=refs, **tracking)
+                               references=refs, update_fn=rundir.attacker_update_fn(cfg),
+                               **tracking)
     clips_hat, loss, history = np.asarray(rec.clips), rec.loss, rec.history["loss"].min(axis=1)
     init = np.asarray(rec.init_clips)
     features_hat, feature_history = jax.jit(victim.extract)(rec.clips), np.zeros((0,))

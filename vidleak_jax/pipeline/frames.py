@@ -3,7 +3,7 @@ update, then `attack.reconstruct` on what the attacker sees)."""
 
 from __future__ import annotations
 
-
+import jax
 import numpy as np
 from absl import logging
 
@@ -16,19 +16,23 @@ from vidleak_jax.types import Grads
 
 
 def stage_data(cfg: RunConfig) -> None:
-  """Loads the client's private batch (data.npz) and the attacker's reference frames
-  (references.npz)."""
+  """Loads the attacked round's private clips (data.npz: client i's B clips, drawn with the data
+  key folded with i for i >= 1, so client 0's batch is the single-client run's) and the
+  attacker's reference frames of client 0's camera (references.npz)."""
   t, h, w, c = cfg.clip_shape
-  batch = sources.load_client_batch(
-      rundir.keys(cfg.seed)["data"], cfg.data, batch_size=cfg.batch_size,
+  data_key = rundir.keys(cfg.seed)["data"]
+  batches = [sources.load_client_batch(
+      jax.random.fold_in(data_key, i) if i else data_key, cfg.data, batch_size=cfg.batch_size,
       spec=sources.ClipSpec(t, h, w, c, cfg.frame_stride), num_classes=cfg.num_classes,
-      num_references=cfg.references, tfds_dir=cfg.tfds_dir, split=cfg.data_split)
-  rundir.save(cfg, "data.npz", clips=batch.clips, labels=batch.labels,
-              origins=np.asarray(batch.origins))
-  rundir.save(cfg, "references.npz", frames=batch.references)
-  logging.info("data: %d clip(s) of %s from %s, labels %s, %d reference frame(s)",
-               cfg.batch_size, cfg.clip_shape, cfg.data, batch.labels.tolist(),
-               len(batch.references))
+      num_references=0 if i else cfg.references, tfds_dir=cfg.tfds_dir, split=cfg.data_split)
+      for i in range(cfg.clients)]
+  labels = np.concatenate([b.labels for b in batches])
+  rundir.save(cfg, "data.npz", clips=np.concatenate([b.clips for b in batches]), labels=labels,
+              origins=np.asarray([o for b in batches for o in b.origins]))
+  rundir.save(cfg, "references.npz", frames=batches[0].references)
+  logging.info("data: %d client(s) × %d clip(s) of %s from %s, labels %s, %d reference "
+               "frame(s)", cfg.clients, cfg.batch_size, cfg.clip_shape, cfg.data,
+               labels.tolist(), len(batches[0].references))
 
 
 def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
@@ -37,12 +41,13 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   apply_fn, params = build_victim(cfg)
   shared, known = rundir.shared_update(cfg, apply_fn, params, captured)
   # --- attacker side: from here on only public information and the shared update ---
-  clip_shape = (cfg.batch_size, *cfg.clip_shape)
+  clip_shape = (rundir.attacked_clips(cfg), *cfg.clip_shape)
   references = rundir.attack_references(cfg)
   with rundir.tracked(cfg) as tracking:
     rec = attack.reconstruct(rundir.keys(cfg.seed)["attack"], apply_fn, params, shared,
                              clip_shape=clip_shape, labels=known, config=cfg.attack,
-                             references=references, **tracking)
+                             references=references, update_fn=rundir.attacker_update_fn(cfg),
+                             label_trajectory=rundir.label_trajectory(cfg), **tracking)
   rundir.save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
               clips_lowres=rec.clips_lowres, labels=np.asarray(rec.labels),
               loss=np.asarray(rec.loss), restart_losses=rec.restart_losses,

@@ -22,6 +22,7 @@ from vidleak_jax.pipeline.config import STAGES, RunConfig
 from vidleak_jax.pipeline.evaluate import stage_eval
 from vidleak_jax.pipeline.feature_victim import stage_pretrain
 from vidleak_jax.pipeline.sr import stage_sr
+from vidleak_jax.pipeline.train import stage_train
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.report import html as html_report
 from vidleak_jax.settings import InvalidSetting
@@ -81,7 +82,7 @@ def _check_resources(cfg: RunConfig) -> None:
   the run's clips, candidates and optimizer state cannot fit in this machine's memory."""
   if not {"data", "attack"} & set(cfg.stages):
     return
-  resources.check_run(clip_shape=cfg.clip_shape, batch_size=cfg.batch_size,
+  resources.check_run(clip_shape=cfg.clip_shape, batch_size=rundir.attacked_clips(cfg),
                       restarts=cfg.attack.restarts if "attack" in cfg.stages else 1,
                       optimizer=cfg.attack.optimizer, steps=cfg.attack.steps,
                       log_every=cfg.attack.log_every, attack_scale=cfg.attack.attack_scale,
@@ -124,7 +125,7 @@ def _evaluates(cfg: RunConfig) -> bool:
 
 def _stage(cfg: RunConfig, name: str) -> Callable[..., Any]:
   attack = features.stage_attack if cfg.pipeline == "features" else frames.stage_attack
-  return {"pretrain": stage_pretrain, "data": frames.stage_data, "attack": attack,
+  return {"pretrain": stage_pretrain, "train": stage_train, "data": frames.stage_data, "attack": attack,
           "sr": stage_sr, "eval": stage_eval}[name]
 
 

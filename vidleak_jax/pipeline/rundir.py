@@ -62,9 +62,13 @@ def exclusive(workdir: str) -> Iterator[None]:
 
 
 def keys(seed: int) -> dict[str, jax.Array]:
-  """One seed, split once by purpose: "data", "victim", "attack"."""
-  data_key, victim_key, attack_key = jax.random.split(jax.random.key(seed), 3)
-  return {"data": data_key, "victim": victim_key, "attack": attack_key}
+  """One seed, split once by purpose: "data", "victim", "attack"; "train" (the FL population
+  and its rounds) and "clients" (the attacked round's mini-batch orders) are folded in, so the
+  first three stay what they were."""
+  root = jax.random.key(seed)
+  data_key, victim_key, attack_key = jax.random.split(root, 3)
+  return {"data": data_key, "victim": victim_key, "attack": attack_key,
+          "train": jax.random.fold_in(root, 1), "clients": jax.random.fold_in(root, 2)}
 
 
 def is_writer() -> bool:
@@ -110,23 +114,67 @@ def attack_references(cfg: RunConfig) -> np.ndarray | None:
   return frames
 
 
+def attacked_clips(cfg: RunConfig) -> int:
+  """Clips in the attacked round: N clients × B clips."""
+  return cfg.clients * cfg.batch_size
+
+
 def client_batch(cfg: RunConfig) -> tuple[jax.Array, jax.Array]:
-  """The client's private clips [B,T,H,W,C] and labels [B] from data.npz, checked against cfg."""
+  """The attacked round's private clips [N·B,T,H,W,C] and labels [N·B] from data.npz (client i
+  holds rows i·B .. i·B+B−1), checked against cfg."""
   batch = require(cfg, "data.npz", "data")
   clips, labels = jax.numpy.asarray(batch["clips"]), jax.numpy.asarray(batch["labels"])
-  if clips.shape != (cfg.batch_size, *cfg.clip_shape):
+  expected = (attacked_clips(cfg), *cfg.clip_shape)
+  if clips.shape != expected:
     raise InvalidSetting("clip_shape", f"data.npz holds clips of shape {clips.shape}, but "
-                         f"batch_size={cfg.batch_size} and clip_shape={cfg.clip_shape} ask for "
-                         f"{(cfg.batch_size, *cfg.clip_shape)}: rerun the 'data' stage")
+                         f"clients={cfg.clients}, batch_size={cfg.batch_size} and clip_shape="
+                         f"{cfg.clip_shape} ask for {expected}: rerun the 'data' stage")
   return clips, labels
 
 
+def client_orders(cfg: RunConfig) -> jax.Array | None:
+  """Each attacked client's local mini-batch order, int32 [N, steps, b] (FedAvg), else None."""
+  if cfg.update != "fedavg":
+    return None
+  return jax.vmap(lambda k: fl.minibatch_order(k, cfg.batch_size, cfg.local))(
+      fl.client_keys(keys(cfg.seed)["clients"], 0, cfg.clients))
+
+
 def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
-  """The honest client's shared update (FedSGD gradient or FedAvg parameter delta), like params."""
+  """What the server sees of the attacked round, like params: the mean of the N clients'
+  updates (FedSGD gradients or FedAvg deltas), each on its B clips."""
+  n = cfg.clients
+  clips = clips.reshape(n, cfg.batch_size, *clips.shape[1:])
+  labels = labels.reshape(n, cfg.batch_size, *labels.shape[1:])
   if cfg.update == "fedsgd":
-    return jax.jit(fl.client_update, static_argnums=0)(apply_fn, params, clips, labels)
-  return jax.jit(fl.fedavg_update, static_argnums=0, static_argnames=("local_steps",))(
-      apply_fn, params, clips, labels, local_steps=cfg.local_steps, learning_rate=cfg.local_lr)
+    updates = jax.jit(jax.vmap(fl.client_update, in_axes=(None, None, 0, 0)), static_argnums=0)(
+        apply_fn, params, clips, labels)
+  else:
+    local = cfg.local
+
+    def fedavg(apply_fn, params, c, l, o):
+      return fl.fedavg_update(apply_fn, params, c, l, local=local, order=o)
+
+    updates = jax.jit(jax.vmap(fedavg, in_axes=(None, None, 0, 0, 0)), static_argnums=0)(
+        apply_fn, params, clips, labels, client_orders(cfg))
+  return fl.aggregate([jax.tree.map(lambda u, i=i: u[i], updates) for i in range(n)])
+
+
+def attacker_update_fn(cfg: RunConfig) -> fl.UpdateFn:
+  """The attacker's model of what the round's clients computed from N·B candidate clips (their
+  public local settings; the mini-batch orders too when `attack.replay` is "order")."""
+  if cfg.update == "fedsgd":
+    return fl.aggregated([fl.client_update] * cfg.clients)
+  if cfg.attack.replay != "order":
+    return fl.aggregated([fl.replay(cfg.local, approximation=cfg.attack.replay)] * cfg.clients)
+  return fl.aggregated([fl.replay(cfg.local, order=order) for order in client_orders(cfg)])
+
+
+def label_trajectory(cfg: RunConfig) -> tuple[int, float] | None:
+  """(local steps, local lr) of a FedAvg round, for label recovery from its delta; else None."""
+  if cfg.update != "fedavg":
+    return None
+  return cfg.local.steps(cfg.batch_size), cfg.local.lr
 
 
 def shared_update(cfg: RunConfig, apply_fn, params, captured: Grads | None):

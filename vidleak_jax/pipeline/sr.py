@@ -52,7 +52,7 @@ def make_simulator(cfg: RunConfig, apply_fn, params, references: np.ndarray,
   """Attacks on the attacker's own synthetic clips (over the references' median background when
   it has references) with the run's victim, update and attack settings at fewer steps."""
   t, h, w, c = cfg.clip_shape
-  shape = (cfg.batch_size, t, h, w, c)
+  shape = (rundir.attacked_clips(cfg), t, h, w, c)
   background = np.median(references, axis=0) if len(references) else None
   steps = cfg.sr.simulation_steps
   config = dataclasses.replace(cfg.attack, steps=steps, restarts=1,
@@ -60,13 +60,14 @@ def make_simulator(cfg: RunConfig, apply_fn, params, references: np.ndarray,
 
   def simulate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     data_key, attack_key = jax.random.split(key)
-    clips, labels = synthetic_clips(data_key, cfg.batch_size, frames=t, height=h, width=w,
+    clips, labels = synthetic_clips(data_key, shape[0], frames=t, height=h, width=w,
                                     channels=c, num_classes=cfg.num_classes,
                                     background=background)
     update = rundir.client_side(cfg, apply_fn, params, clips, labels)
     rec = attack.reconstruct(attack_key, apply_fn, params, update, clip_shape=shape,
                              labels=labels, config=config, mesh=None,
-                             references=jnp.asarray(references))
+                             references=jnp.asarray(references),
+                             update_fn=rundir.attacker_update_fn(cfg))
     return sr_input(np.asarray(rec.clips), rec.clips_lowres, scale), clips
 
   return simulate
