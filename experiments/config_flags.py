@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from absl import app, flags
 
@@ -235,12 +235,15 @@ def _options(path: str, flag_values: flags.FlagValues) -> dict[str, Any]:
   return out
 
 
-def _build(section_path: str, flag_values: flags.FlagValues, **overrides) -> Any:
+def _build(section_path: str, flag_values: flags.FlagValues) -> Any:
+  """The config at `section_path` from its flags, its nested configs built the same way."""
   section = next(s for s in SECTIONS if s.path == section_path)
   cls = type(_get(_DEFAULTS, section_path))
-  kwargs = dict(overrides)
+  kwargs = {}
   for field, hint in section_fields(section):
-    if field.name not in section.exempt:
+    if section.exempt.get(field.name) == NESTED:
+      kwargs[field.name] = _build(f"{section_path}.{field.name}".lstrip("."), flag_values)
+    elif field.name not in section.exempt:
       name = flag_name(section, field.name)
       kwargs[field.name] = _value(name, hint, flag_values[name].value)
   for path in OPTIONS:
@@ -258,7 +261,4 @@ def _build(section_path: str, flag_values: flags.FlagValues, **overrides) -> Any
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> pipeline.RunConfig:
   """The RunConfig the flags describe; a bad value raises app.UsageError naming its flag."""
-  build: Callable[..., Any] = lambda path, **kw: _build(path, flag_values, **kw)
-  features = build("features", matching=build("features.matching"),
-                   inversion=build("features.inversion"), pretrain=build("features.pretrain"))
-  return build("", attack=build("attack"), features=features, sr=build("sr"))
+  return _build("", flag_values)

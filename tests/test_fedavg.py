@@ -163,3 +163,28 @@ def test_a_resumed_training_equals_an_uninterrupted_one(tmp_path):
   with pytest.raises(ValueError, match="local batch_size=3 does not fit"):
     vl.fl.train_global(jax.random.key(0), apply_fn, params, clips, labels, test_clips,
                        test_labels, rounds=1, local=vl.fl.LocalTraining(batch_size=3))
+
+
+@pytest.mark.slow
+def test_the_fedavg_aware_attack_beats_the_fedsgd_approximation():
+  """4×16×16 clips, B = 2 clips, 2 epochs of mini-batches of 1 (4 local steps), lr 0.1, labels
+  known: replaying the local training beats matching one scaled gradient by >= 5 dB on average
+  over 3 seeds (measured: 17.4 vs 7.9 dB at 300 steps)."""
+  local = vl.fl.LocalTraining(epochs=2, batch_size=1, lr=0.1, shuffle=False)
+  config = vl.attack.AttackConfig(optimizer="adam", metric="cosine", lr=0.1, steps=200,
+                                  log_every=200)
+  gaps = []
+  for seed in range(3):
+    apply_fn, params = tiny_victim("c3d", seed=seed)
+    clips, labels = tiny_batch(2, seed)
+    delta = vl.fl.fedavg_update(apply_fn, params, clips, labels, local=local)
+    psnr = {}
+    for approximation in ("order", "fedsgd"):
+      rec = vl.attack.reconstruct(jax.random.key(seed), apply_fn, params, delta,
+                                  clip_shape=clips.shape, labels=labels, config=config,
+                                  update_fn=vl.fl.replay(local, approximation=approximation),
+                                  mesh=None)
+      psnr[approximation] = vl.metrics.evaluate(np.asarray(rec.clips), np.asarray(clips))[
+          "psnr_mean"]
+    gaps.append(psnr["order"] - psnr["fedsgd"])
+  assert np.mean(gaps) >= 5.0, gaps

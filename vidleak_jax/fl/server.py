@@ -3,6 +3,7 @@ a resumable simulation that trains the global model before the attacked round.""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
@@ -101,7 +102,8 @@ def train_global(key: jax.Array, apply_fn: ApplyFn, params: Params, clips: np.nd
 
   state, accuracies = training.run_steps(
       one_round, {"params": params}, steps=rounds, directory=directory,
-      identity={**(identity or {}), "local": repr(local), "clients": num_clients},
+      identity={**(identity or {}), "fedavg": {**dataclasses.asdict(local),
+                                               "clients": num_clients, "clips": n}},
       save_every=1, progress=progress, key="test_accuracy")
   return state["params"], accuracies
 

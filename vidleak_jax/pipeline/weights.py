@@ -32,7 +32,7 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
   return json.loads(json.dumps({
       **model, "pipeline": cfg.pipeline, "clip_shape": cfg.clip_shape,
       "num_classes": cfg.num_classes, "frame_stride": cfg.frame_stride, "seed": cfg.seed,
-      "train": train, "local": dataclasses.asdict(cfg.local)}))
+      "train": train}))  # train_global adds the local settings
 
 
 def attacked_weights(cfg: RunConfig, initial: Params) -> Params:
