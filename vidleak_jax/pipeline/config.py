@@ -173,9 +173,11 @@ class RunConfig:
       check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
     check(self.num_classes >= 2, "num_classes", f"must be >= 2, got {self.num_classes}")
     check(self.references >= 0, "references", f"must be >= 0, got {self.references}")
-    if self.update == "fedavg":
+    fits = ([self.batch_size] if self.update == "fedavg" else []) + (
+        [self.train.client_clips] if self.train.rounds and not self.victim_weights else [])
+    for clips in fits:  # the attacked clients' B clips, the training clients' clips
       try:
-        self.local.minibatch(self.batch_size)
+        self.local.minibatch(clips)
       except ValueError as e:
         raise InvalidSetting("local.batch_size", str(e)) from None
     check(self.gif_fps >= 0.1, "gif_fps", f"must be >= 0.1, got {self.gif_fps}")

@@ -54,6 +54,8 @@ def run(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,
   on a shared filesystem), and the processes wait for each other between stages.
   """
   _check_resources(cfg)
+  if cfg.victim_weights:  # validated before anything is written
+    build_victim(cfg)
   captured = None
   if cfg.gradients:  # validated before anything is written
     try:
