@@ -8,12 +8,14 @@ forward-mode pass on two probe clips tests all candidates together (`output_bias
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vidleak_jax.fl.updates import cross_entropy
 from vidleak_jax.tree_io import leaf_paths
 from vidleak_jax.types import ApplyFn, Grads, Params
 
@@ -161,7 +163,8 @@ def counts_from_bias_grad(bias_grad: np.ndarray, batch_size: int,
 def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads: Grads,
                    clip_shape: tuple[int, ...], *, layer: str | None = None,
                    references: jax.Array | None = None, num_probe_clips: int = 16,
-                   trajectory: tuple[int, float] | None = None) -> jax.Array:
+                   trajectory: tuple[int, float] | None = None,
+                   simulations: int = 3) -> jax.Array:
   """Recovers the B labels of the client batch from `target_grads`; returns int32 [B], sorted.
 
   B = 1: iDLG — for softmax cross-entropy ∂L/∂b = softmax − onehot, whose only negative entry
@@ -177,11 +180,12 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
   (a leaf path or a layer holding a `bias`) overrides the search.
 
   `trajectory=(steps, lr)`: `target_grads` is a FedAvg delta of `steps` local SGD steps at
-  learning rate lr (Dimitrov et al., TMLR 2022): its bias part is lr × the sum of the steps'
-  bias gradients, so it is divided by lr × steps, and mean(softmax) is averaged over the models
-  along the delta, params − (t / steps) × delta for t = 0..steps−1 (the attacker does not know
-  the intermediate models; the straight path is its estimate). The sign test at B = 1 is
-  unchanged by the positive scale.
+  learning rate lr (after Dimitrov et al., TMLR 2022): its bias part is lr × the sum of the
+  steps' bias gradients, sum_t (mean softmax_t − counts / B), so mean(softmax) must be averaged
+  over the client's intermediate models, which the attacker does not have. It simulates them:
+  `steps` SGD steps on the probe clips labelled with the current count estimate (soft labels
+  counts / B), the counts re-estimated from the simulated softmax, `simulations` times. The sign
+  test at B = 1 holds for any trajectory (the true class's entry alone is negative).
   """
   batch_size = clip_shape[0]
   logits_shape = jax.eval_shape(apply_fn, params, jnp.zeros((1, *clip_shape[1:]), jnp.float32))
@@ -191,15 +195,9 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
                                                clip_shape=clip_shape))
   if batch_size == 1:
     return jnp.asarray([int(np.argmin(bias_grad))], jnp.int32)
-  models = [params]
-  if trajectory is not None:
-    steps, lr = trajectory
-    if steps < 1 or not lr > 0:
-      raise ValueError(f"trajectory must be (local steps >= 1, learning rate > 0), got "
-                       f"{trajectory}")
-    bias_grad = bias_grad / (lr * steps)
-    models = [jax.tree.map(lambda p, d, t=t: p - (t / steps) * d, params, target_grads)
-              for t in range(steps)]
+  if trajectory is not None and (trajectory[0] < 1 or not trajectory[1] > 0):
+    raise ValueError(f"trajectory must be (local steps >= 1, learning rate > 0), got "
+                     f"{trajectory}")
   if references is not None and len(references):
     if tuple(references.shape[1:]) != tuple(clip_shape[2:]):
       raise ValueError(f"references must be [k, {', '.join(map(str, clip_shape[2:]))}] frames "
@@ -207,7 +205,30 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
     probes = jnp.repeat(jnp.asarray(references, jnp.float32)[:, None], clip_shape[1], axis=1)
   else:
     probes = jax.random.uniform(key, (num_probe_clips, *clip_shape[1:]))
-  mean_probs = np.mean([np.asarray(jax.nn.softmax(apply_fn(m, probes)).mean(axis=0))
-                        for m in models], axis=0)
-  counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
+  mean_probs = np.asarray(jax.nn.softmax(apply_fn(params, probes)).mean(axis=0))
+  if trajectory is None:
+    counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
+  else:
+    steps, lr = trajectory
+    bias_grad = bias_grad / (lr * steps)
+    simulate = jax.jit(functools.partial(_simulated_mean_probs, apply_fn, steps=steps, lr=lr))
+    counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
+    for _ in range(simulations):
+      mean_probs = np.asarray(simulate(params, probes, jnp.asarray(counts / batch_size)))
+      counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
   return jnp.asarray(np.repeat(np.arange(num_classes), counts), jnp.int32)
+
+
+def _simulated_mean_probs(apply_fn: ApplyFn, params: Params, probes: jax.Array,
+                          label_share: jax.Array, *, steps: int, lr: float) -> jax.Array:
+  """mean softmax [K] over `steps` SGD steps (lr) on probes [P,...] with soft labels
+  `label_share` [K], averaged over the steps (the model before each step)."""
+  targets = jnp.broadcast_to(label_share, (probes.shape[0], label_share.shape[0]))
+
+  def step(p, _):
+    logits = apply_fn(p, probes)
+    grads = jax.grad(lambda q: cross_entropy(apply_fn(q, probes), targets))(p)
+    return jax.tree.map(lambda w, g: w - lr * g, p, grads), jax.nn.softmax(logits).mean(axis=0)
+
+  _, per_step = jax.lax.scan(step, params, None, length=steps)
+  return per_step.mean(axis=0)
