@@ -14,7 +14,6 @@ model's test accuracy) is rewritten after every run, and a plot of PSNR per cell
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from typing import Any, NamedTuple
