@@ -41,7 +41,7 @@ ESTIMATE_FACTOR = 8
 # against `jax.eval_shape(opt.init, x)` in the tests): adam and signed_adam keep mu and nu, sgd
 # (momentum 0.9) one trace, L-BFGS with memory m keeps m parameter and m gradient differences
 # plus the last parameters, updates and the line search's gradient (2m + 3).
-LBFGS_MEMORY = 10
+LBFGS_MEMORY = 10  # optax.lbfgs default (attack.optimizers.LBFGS_MEMORY)
 OPTIMIZER_SLOTS: dict[str, int] = {"adam": 2, "signed_adam": 2, "sgd": 1,
                                    "lbfgs": 2 * LBFGS_MEMORY + 3}
 UNKNOWN_OPTIMIZER_SLOTS = 2  # an optimizer not listed is counted like adam
@@ -175,13 +175,17 @@ class Estimate:
     return f"{parts}; total ~{format_bytes(self.total)}"
 
 
-def optimizer_slots(optimizer: str) -> int:
-  """Candidate-sized slots of optimizer state per candidate (`OPTIMIZER_SLOTS`)."""
+def optimizer_slots(optimizer: str, lbfgs_memory: int = LBFGS_MEMORY) -> int:
+  """Candidate-sized slots of optimizer state per candidate (`OPTIMIZER_SLOTS`; L-BFGS with
+  memory m: 2m + 3)."""
+  if optimizer == "lbfgs":
+    return 2 * lbfgs_memory + 3
   return OPTIMIZER_SLOTS.get(optimizer, UNKNOWN_OPTIMIZER_SLOTS)
 
 
 def estimate(*, clip_shape: Sequence[int], restarts: int, num_params: int = 0,
-             optimizer: str = "signed_adam", steps: int = 1, log_every: int | None = None,
+             optimizer: str = "signed_adam", lbfgs_memory: int = LBFGS_MEMORY, steps: int = 1,
+             log_every: int | None = None,
              attack_scale: int = 1, concurrent: int = 1, activation_bytes: int = 0,
              metrics: int = 2, itemsize: int = 4) -> Estimate:
   """The memory of an attack on clips `clip_shape` (B,T,H,W,C) with R = `restarts`, before it
@@ -222,7 +226,8 @@ def estimate(*, clip_shape: Sequence[int], restarts: int, num_params: int = 0,
   concurrent = max(1, min(int(concurrent), r))
   params = int(num_params) * itemsize
   parts = (
-      Part("candidates and optimizer state", r * latent * (1 + optimizer_slots(optimizer)),
+      Part("candidates and optimizer state",
+           r * latent * (1 + optimizer_slots(optimizer, lbfgs_memory)),
            DEVICE),
       Part("best-so-far candidates", r * (latent + itemsize), DEVICE),
       Part("parameters and gradients", 2 * params + concurrent * 2 * params, DEVICE),
@@ -235,7 +240,7 @@ def estimate(*, clip_shape: Sequence[int], restarts: int, num_params: int = 0,
       Part("history", int(steps) * r * per_step, HOST),
   )
   inputs = dict(clip_shape=shape, restarts=r, num_params=num_params, optimizer=optimizer,
-                steps=steps, log_every=log_every, attack_scale=attack_scale,
+                lbfgs_memory=lbfgs_memory, steps=steps, log_every=log_every, attack_scale=attack_scale,
                 concurrent=concurrent, activation_bytes=activation_bytes, metrics=metrics,
                 itemsize=itemsize)
   return Estimate(parts, inputs)
@@ -244,11 +249,11 @@ def estimate(*, clip_shape: Sequence[int], restarts: int, num_params: int = 0,
 def estimate_run(*, clip_shape: Sequence[int], batch_size: int, restarts: int,
                  optimizer: str, steps: int, log_every: int = 25, num_params: int = 0,
                  attack_scale: int = 1, concurrent: int = 1,
-                 activation_bytes: int = 0) -> Estimate:
+                 activation_bytes: int = 0, lbfgs_memory: int = LBFGS_MEMORY) -> Estimate:
   """`estimate` from a RunConfig's values: `clip_shape` is its (T,H,W,C), B = `batch_size`."""
   return estimate(clip_shape=(batch_size, *clip_shape), restarts=restarts, num_params=num_params,
-                  optimizer=optimizer, steps=steps, log_every=log_every,
-                  attack_scale=attack_scale, concurrent=concurrent,
+                  optimizer=optimizer, lbfgs_memory=lbfgs_memory, steps=steps,
+                  log_every=log_every, attack_scale=attack_scale, concurrent=concurrent,
                   activation_bytes=activation_bytes)
 
 
@@ -364,12 +369,12 @@ def check_fits(est: Estimate, what: str = "the run", device: Any = None) -> None
 def check_run(*, clip_shape: Sequence[int], batch_size: int, restarts: int, optimizer: str,
               steps: int, log_every: int = 25, num_params: int = 0, attack_scale: int = 1,
               concurrent: int = 1, activation_bytes: int = 0, what: str = "the run",
-              device: Any = None) -> Estimate:
+              device: Any = None, lbfgs_memory: int = LBFGS_MEMORY) -> Estimate:
   """`check_fits(estimate_run(...))` for a RunConfig's values; returns the estimate."""
   est = estimate_run(clip_shape=clip_shape, batch_size=batch_size, restarts=restarts,
                      optimizer=optimizer, steps=steps, log_every=log_every,
                      num_params=num_params, attack_scale=attack_scale, concurrent=concurrent,
-                     activation_bytes=activation_bytes)
+                     activation_bytes=activation_bytes, lbfgs_memory=lbfgs_memory)
   check_fits(est, what, device)
   return est
 

@@ -9,7 +9,7 @@ from typing import Mapping
 import jax
 
 from vidleak_jax.attack.objectives import DISTANCES
-from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
+from vidleak_jax.attack.optimizers import LBFGS_MEMORY, OPTIMIZERS, SCHEDULES
 from vidleak_jax.attack.parametrize import ATTACK_SCALES, PARAMETRIZATIONS
 from vidleak_jax.attack.priors import PRIORS
 from vidleak_jax.fl.local import APPROXIMATIONS
@@ -46,6 +46,9 @@ class AttackConfig:
   metric: str = setting("cosine", help="Gradient-matching metric.", choices=DISTANCES.names)
   optimizer: str = setting("signed_adam", help="Attack optimizer.", choices=OPTIMIZERS.names)
   lr: float = setting(0.1, help="Attack learning rate.")
+  lbfgs_memory: int = setting(LBFGS_MEMORY, help="L-BFGS: past steps in its curvature model "
+                              "(more: better-conditioned steps on hard objectives, 2 candidate-"
+                              "sized slots each).")
   schedule: str = setting("multistep", help="Learning-rate schedule.", choices=SCHEDULES.names)
   steps: int = setting(200, help="Attack steps.")
   restarts: int = setting(1, help="Restarts R, optimised as one batch.")
@@ -89,7 +92,7 @@ class AttackConfig:
       check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
     check(self.map_batch_size >= 0, "map_batch_size",
           f"must be >= 0 (0 = auto), got {self.map_batch_size}")
-    for field in ("steps", "restarts", "log_every"):
+    for field in ("steps", "restarts", "log_every", "lbfgs_memory"):
       check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
     check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")  # also rejects NaN
 

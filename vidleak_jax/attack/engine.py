@@ -38,6 +38,7 @@ class Settings(Protocol):
 
   optimizer: str
   lr: float
+  lbfgs_memory: int
   schedule: str
   steps: int
   restarts: int
@@ -113,7 +114,8 @@ def make_optimisation(objective: ObjectiveFn, starts: Callable[[jax.Array], jax.
   scores the last one too). `decode`/`lowres` (identity if None) go into the `Attack` unchanged.
   `settings.map_batch_size` 0 resolves from one candidate's shape (`resolve_map_batch_size`).
   """
-  opt = make_optimizer(settings.optimizer, settings.lr, settings.schedule, settings.steps)
+  opt = make_optimizer(settings.optimizer, settings.lr, settings.schedule, settings.steps,
+                       lbfgs_memory=settings.lbfgs_memory)
   batching = resolve_batching(settings.batching)
   identity = lambda x: x
   project, decode = project or identity, decode or identity

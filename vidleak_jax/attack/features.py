@@ -30,7 +30,7 @@ from vidleak_jax.attack.config import BATCHING
 from vidleak_jax.attack.driver import ProgressFn, drive
 from vidleak_jax.attack.engine import make_optimisation
 from vidleak_jax.attack.objectives import DISTANCES, gradient_matching_loss
-from vidleak_jax.attack.optimizers import OPTIMIZERS, SCHEDULES
+from vidleak_jax.attack.optimizers import LBFGS_MEMORY, OPTIMIZERS, SCHEDULES
 from vidleak_jax.attack.priors import tv_spatial, tv_temporal
 from vidleak_jax.settings import check, setting, validate_fields
 from vidleak_jax.types import ApplyFn, Grads, Params
@@ -44,6 +44,9 @@ class StageConfig:
 
   optimizer: str = setting("lbfgs", help="Optimizer of the stage.", choices=OPTIMIZERS.names)
   lr: float = setting(0.1, help="Learning rate (lbfgs: its line search sets the step).")
+  lbfgs_memory: int = setting(LBFGS_MEMORY, help="L-BFGS: past steps in its curvature model "
+                              "(more: better-conditioned steps on hard objectives, 2 candidate-"
+                              "sized slots each).")
   schedule: str = setting("constant", help="Learning-rate schedule.", choices=SCHEDULES.names)
   steps: int = setting(300, help="Optimisation steps.")
   metric: str = setting("l2", help="Stage 1: gradient-matching distance.",
@@ -63,7 +66,7 @@ class StageConfig:
 
   def __post_init__(self):
     validate_fields(self)
-    for field in ("steps", "restarts", "log_every"):
+    for field in ("steps", "restarts", "log_every", "lbfgs_memory"):
       check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
     check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")  # also rejects NaN
     for field in ("restart_noise", "tv_spatial", "tv_temporal", "map_batch_size"):

@@ -86,7 +86,8 @@ def _check_resources(cfg: RunConfig) -> None:
     return
   resources.check_run(clip_shape=cfg.clip_shape, batch_size=rundir.attacked_clips(cfg),
                       restarts=cfg.attack.restarts if "attack" in cfg.stages else 1,
-                      optimizer=cfg.attack.optimizer, steps=cfg.attack.steps,
+                      optimizer=cfg.attack.optimizer, lbfgs_memory=cfg.attack.lbfgs_memory,
+                      steps=cfg.attack.steps,
                       log_every=cfg.attack.log_every, attack_scale=cfg.attack.attack_scale,
                       what=f"the run in {cfg.workdir}")
 
