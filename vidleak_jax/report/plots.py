@@ -103,3 +103,27 @@ def sweep_png(rows: Sequence[dict[str, Any]], flag: str, values: Sequence[Any],
       ax.minorticks_off()
     ax.grid(alpha=0.3)
   return _png(fig)
+
+
+def study_png(panels: dict[str, dict[str, list[tuple[str, Sequence[float]]]]],
+              ylabel: str) -> bytes:
+  """One panel per axis of a study: for each series (e.g. victim and data source) the mean ± std
+  of its values at every setting of the axis, settings as categories in the given order.
+
+  panels: axis title -> series name -> [(setting label, values over seeds), ...].
+  """
+  fig, axes = _figure(max(1, len(panels)))
+  for ax, (title, series) in zip(axes, panels.items()):
+    labels = list(dict.fromkeys(label for points in series.values() for label, _ in points))
+    for offset, (name, points) in enumerate(series.items()):
+      shift = 0.08 * (offset - (len(series) - 1) / 2)  # side by side, not on top of each other
+      found = [(labels.index(label) + shift, np.mean(v), np.std(v)) for label, v in points if v]
+      if found:
+        xs, means, stds = zip(*found)
+        ax.errorbar(xs, means, yerr=stds, fmt="o-", capsize=3, lw=1.2, label=name)
+    ax.set_xticks(np.arange(len(labels)), labels, fontsize=8)
+    ax.set(title=title, ylabel=ylabel)
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  return _png(fig)
