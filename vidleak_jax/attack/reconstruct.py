@@ -106,7 +106,8 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   label_key, init_key = jax.random.split(key)
   if labels is None:
     labels = recover_labels(label_key, apply_fn, params, target_grads, clip_shape,
-                            references=references, trajectory=label_trajectory)
+                            references=references, trajectory=label_trajectory,
+                            update_fn=update_fn)
   labels = jnp.asarray(labels)
 
   attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config,

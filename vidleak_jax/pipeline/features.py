@@ -73,7 +73,7 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   refs = rundir.attack_references(cfg)
   labels = known if known is not None else attack.recover_labels(
       keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs,
-      trajectory=rundir.label_trajectory(cfg))
+      trajectory=rundir.label_trajectory(cfg), update_fn=rundir.attacker_update_fn(cfg))
   if cfg.update == "fedavg" and cfg.features.attack != "end_to_end":
     logging.warning("stage 1 matches the head's FedAvg delta as if it were one gradient (the "
                     "FedSGD approximation); feature_attack='end_to_end' replays the local "
