@@ -188,3 +188,27 @@ def test_the_fedavg_aware_attack_beats_the_fedsgd_approximation():
           "psnr_mean"]
     gaps.append(psnr["order"] - psnr["fedsgd"])
   assert np.mean(gaps) >= 5.0, gaps
+
+
+def test_labels_of_a_fedavg_round_are_found_per_slot_by_replay():
+  """Targets made from the probe clips themselves: the search must return the true labels of
+  every mini-batch (score 0; slots that always train together are interchangeable, which the
+  attack absorbs by swapping their clips), also from a multiset estimate with wrong counts, and
+  the coordinate descent (used beyond `max_enumerated` assignments) must reach it too."""
+  apply_fn, params = tiny_victim("c3d")
+  frames = jax.random.uniform(jax.random.key(2), (4, 16, 16, 3))
+  clips = jnp.repeat(frames[:, None], 4, axis=1)  # the references held still: the probes
+  truth = jnp.asarray([3, 1, 1, 0], jnp.int32)
+  local = vl.fl.LocalTraining(epochs=2, batch_size=2, lr=0.5)
+  order = vl.fl.minibatch_order(jax.random.key(1), 4, local)
+  target = vl.fl.fedavg_update(apply_fn, params, clips, truth, local=local, order=order)
+  replay = vl.fl.replay(local, order=order)
+  per_step = lambda labels: [sorted(np.asarray(labels)[row].tolist()) for row in np.asarray(order)]
+  for max_enumerated in (4096, 1):
+    found = vl.attack.labels.assign_labels_by_replay(
+        jax.random.key(0), apply_fn, params, target, clips.shape, replay,
+        jnp.asarray([0, 0, 1, 2], jnp.int32), references=frames, max_enumerated=max_enumerated)
+    assert per_step(found) == per_step(truth)
+  recovered = vl.attack.recover_labels(jax.random.key(0), apply_fn, params, target, clips.shape,
+                                       references=frames, trajectory=(4, 0.5), update_fn=replay)
+  assert per_step(recovered) == per_step(truth)

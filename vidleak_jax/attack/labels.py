@@ -257,8 +257,8 @@ def assign_labels_by_replay(key: jax.Array, apply_fn: ApplyFn, params: Params,
   train together, and in which step, shapes the client's trajectory), which a label multiset
   cannot express. The replay runs on probe clips (the `references` held still, else uniform
   noise from `key`), since the clips are unknown. All K^B assignments are scored (vmapped) when
-  there are at most `max_enumerated`; else coordinate descent from `initial` (each slot tries
-  every class, the best change is kept, up to `sweeps` rounds).
+  there are at most `max_enumerated`; else a local search from `initial` (every slot tries
+  every class and every two slots trade labels; the best move is kept, up to `sweeps` rounds).
   """
   batch_size = clip_shape[0]
   index = output_bias_index(apply_fn, params, clip_shape, layer=layer)
@@ -286,10 +286,13 @@ def assign_labels_by_replay(key: jax.Array, apply_fn: ApplyFn, params: Params,
     return jnp.asarray(grid[int(np.argmin(np.asarray(scores(jnp.asarray(grid)))))])
   best = np.asarray(initial, np.int32)
   best_score = float(scores(jnp.asarray(best[None]))[0])
+  swaps = [(i, j) for i in range(batch_size) for j in range(i + 1, batch_size)]
   for _ in range(sweeps):
-    moves = np.repeat(best[None], batch_size * num_classes, axis=0)
-    moves[np.arange(len(moves)), np.repeat(np.arange(batch_size), num_classes)] = np.tile(
-        np.arange(num_classes), batch_size)
+    moves = np.repeat(best[None], batch_size * num_classes + len(swaps), axis=0)
+    singles = np.arange(batch_size * num_classes)  # slot i takes class k
+    moves[singles, singles // num_classes] = singles % num_classes
+    for row, (i, j) in enumerate(swaps, start=len(singles)):  # slots i and j trade labels
+      moves[row, [i, j]] = best[[j, i]]
     found = np.asarray(scores(jnp.asarray(moves)))
     if found.min() >= best_score:
       break
