@@ -160,14 +160,23 @@ def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
   return fl.aggregate([jax.tree.map(lambda u, i=i: u[i], updates) for i in range(n)])
 
 
+# FedAvg rounds of at least this many local steps are replayed with each step's activations
+# recomputed in the backward pass (`jax.checkpoint`): the replay's memory then stays that of one
+# step instead of growing with the steps, for about one more forward pass per step.
+REMAT_LOCAL_STEPS = 8
+
+
 def attacker_update_fn(cfg: RunConfig) -> fl.UpdateFn:
   """The attacker's model of what the round's clients computed from N·B candidate clips (their
   public local settings; the mini-batch orders too when `attack.replay` is "order")."""
   if cfg.update == "fedsgd":
     return fl.aggregated([fl.client_update] * cfg.clients)
+  remat = cfg.local.steps(cfg.batch_size) >= REMAT_LOCAL_STEPS
   if cfg.attack.replay != "order":
-    return fl.aggregated([fl.replay(cfg.local, approximation=cfg.attack.replay)] * cfg.clients)
-  return fl.aggregated([fl.replay(cfg.local, order=order) for order in client_orders(cfg)])
+    return fl.aggregated([fl.replay(cfg.local, approximation=cfg.attack.replay, remat=remat)]
+                         * cfg.clients)
+  return fl.aggregated([fl.replay(cfg.local, order=order, remat=remat)
+                        for order in client_orders(cfg)])
 
 
 def label_trajectory(cfg: RunConfig) -> tuple[int, float] | None:
