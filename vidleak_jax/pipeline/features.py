@@ -83,7 +83,8 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   if cfg.features.attack == "end_to_end":
     with rundir.tracked(cfg, "end_to_end") as tracking:
       rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
-                               clip_shape=clip_shape, labels=labels, config=cfg.attack,
+                               clip_shape=clip_shape, labels=labels,
+                               config=rundir.attack_config(cfg),
                                references=refs, update_fn=rundir.attacker_update_fn(cfg),
                                **tracking)
     clips_hat, loss, history = np.asarray(rec.clips), rec.loss, rec.history["loss"].min(axis=1)

@@ -45,7 +45,8 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   references = rundir.attack_references(cfg)
   with rundir.tracked(cfg) as tracking:
     rec = attack.reconstruct(rundir.keys(cfg.seed)["attack"], apply_fn, params, shared,
-                             clip_shape=clip_shape, labels=known, config=cfg.attack,
+                             clip_shape=clip_shape, labels=known,
+                             config=rundir.attack_config(cfg),
                              references=references, update_fn=rundir.attacker_update_fn(cfg),
                              label_trajectory=rundir.label_trajectory(cfg), **tracking)
   rundir.save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),

@@ -7,6 +7,7 @@ Under `jax.distributed` every process computes every value; process 0 (the write
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import os
@@ -19,7 +20,7 @@ import numpy as np
 
 from vidleak_jax import fl
 from vidleak_jax import io as vio
-from vidleak_jax.attack import checkpoint
+from vidleak_jax.attack import AttackConfig, checkpoint
 from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.pipeline.logs import AttackLog
 from vidleak_jax.settings import InvalidSetting
@@ -177,6 +178,21 @@ def attacker_update_fn(cfg: RunConfig) -> fl.UpdateFn:
                          * cfg.clients)
   return fl.aggregated([fl.replay(cfg.local, order=order, remat=remat)
                         for order in client_orders(cfg)])
+
+
+def attack_config(cfg: RunConfig) -> AttackConfig:
+  """`cfg.attack` with its penalty weights (priors, residual terms) weighed against the update's
+  scale. A FedAvg delta is about lr × steps = s times a gradient, so the l2 (l1) match is s²
+  (s) times what it is against a FedSGD gradient; the weights are scaled alike, keeping the
+  balance that the same attack has against a gradient (cosine is scale-free)."""
+  if cfg.update != "fedavg" or cfg.attack.metric == "cosine":
+    return cfg.attack
+  scale = cfg.local.lr * cfg.local.steps(cfg.batch_size)
+  factor = scale ** 2 if cfg.attack.metric == "l2" else scale
+  return dataclasses.replace(
+      cfg.attack, priors={k: w * factor for k, w in cfg.attack.priors.items()},
+      **{k: getattr(cfg.attack, k) * factor for k in ("residual_l1", "residual_l2",
+                                                      "residual_tv")})
 
 
 def label_trajectory(cfg: RunConfig) -> tuple[int, float] | None:

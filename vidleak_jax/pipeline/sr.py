@@ -55,7 +55,7 @@ def make_simulator(cfg: RunConfig, apply_fn, params, references: np.ndarray,
   shape = (rundir.attacked_clips(cfg), t, h, w, c)
   background = np.median(references, axis=0) if len(references) else None
   steps = cfg.sr.simulation_steps
-  config = dataclasses.replace(cfg.attack, steps=steps, restarts=1,
+  config = dataclasses.replace(rundir.attack_config(cfg), steps=steps, restarts=1,
                                log_every=min(cfg.attack.log_every, steps))
 
   def simulate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
