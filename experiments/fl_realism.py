@@ -38,6 +38,7 @@ flags.DEFINE_integer("seeds", 3, "Seeds 0..n-1 per cell.", lower_bound=1)
 flags.DEFINE_integer("attack_steps", 400, "L-BFGS steps per attack.", lower_bound=1)
 flags.DEFINE_integer("restarts", 1, "Attack restarts.", lower_bound=1)
 flags.DEFINE_integer("rounds", 30, "FedAvg rounds of the trained-model cells.", lower_bound=1)
+flags.DEFINE_bool("table_only", False, "Only rebuild the table and plot from the finished runs.")
 
 METRICS = (("psnr_mean", "PSNR (dB)", 2), ("ssim_mean", "SSIM", 3), ("lpips_mean", "LPIPS", 3),
            ("label_accuracy", "label acc.", 2))
@@ -120,12 +121,17 @@ def _train_accuracy(cfg: pipeline.RunConfig) -> float | None:
     return json.load(f)["final_test_accuracy"]
 
 
+def _sources() -> list[str]:
+  return list(dict.fromkeys([*flags.FLAGS["sources"].default, *FLAGS.sources]))
+
+
 def collect() -> dict:
   """(victim, data, cell) -> [(metrics, test accuracy or None)] of every finished run on disk
-  (whichever process ran it), seeds in order."""
+  (whichever process ran it, for any victim and the default or given sources), seeds in
+  order."""
   results: dict = {}
-  for victim in FLAGS.victims:
-    for data in FLAGS.sources:
+  for victim in VICTIM_KWARGS:
+    for data in _sources():
       for name in CELLS:
         for seed in range(FLAGS.seeds):
           cfg = cell_config(name, victim, data, seed)
@@ -151,8 +157,10 @@ def write_table(results: dict) -> None:
       f"before the attacked round; test acc. on 128 held-out clips (chance 0.25). Mean ± std "
       f"over seeds (n).", ""]
   header = ["axis", "setting"] + [title for _, title, _ in METRICS] + ["test acc."]
-  for victim in FLAGS.victims:
-    for data in FLAGS.sources:
+  for victim in VICTIM_KWARGS:
+    for data in _sources():
+      if not any(key[:2] == (victim, data) for key in results):
+        continue
       lines += [f"## {victim}, {data}", "", "| " + " | ".join(header) + " |",
                 "|" + "---|" * len(header)]
       for name in CELLS:
@@ -187,6 +195,9 @@ def main(argv):
           cell_config(name, victim, data, 0)  # RunConfig validates every setting
   except (KeyError, ValueError) as e:
     raise app.UsageError(str(e).strip("'\"")) from None
+  if FLAGS.table_only:
+    write_table(collect())
+    return
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(FLAGS.out, "xla")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   for seed in range(FLAGS.seeds):  # seeds outermost: a partial run already covers every cell
