@@ -14,11 +14,12 @@ from tests.conftest import tiny_batch, tiny_victim
 
 def _explicit_sgd(apply_fn, params, clips, labels, order, lr, momentum):
   """Plain-Python SGD (torch semantics: v = m v + g; w -= lr v) over the rows of `order`."""
-  loss = lambda p, idx: vl.fl.cross_entropy(apply_fn(p, clips[idx]), labels[idx])
+  loss = lambda p, x, y: vl.fl.cross_entropy(apply_fn(p, x), y)
+  grad = jax.jit(jax.grad(loss))  # one step's gradient; the loop stays in Python
   velocity = jax.tree.map(jnp.zeros_like, params)
   p = params
   for idx in np.asarray(order):
-    g = jax.grad(loss)(p, idx)
+    g = grad(p, clips[idx], labels[idx])
     velocity = jax.tree.map(lambda v, d: momentum * v + d, velocity, g)
     p = jax.tree.map(lambda w, v: w - lr * v, p, velocity)
   return jax.tree.map(jnp.subtract, params, p)
@@ -45,9 +46,9 @@ def test_client_update_equals_an_explicit_loop_over_its_minibatches(momentum):
 def test_fedsgd_is_one_full_batch_step():
   apply_fn, params = tiny_victim("c3d")
   clips, labels = tiny_batch(2)
-  delta = vl.fl.fedavg_update(apply_fn, params, clips, labels,
-                              local=vl.fl.LocalTraining(epochs=1, batch_size=0, lr=0.5))
-  grads = vl.fl.client_update(apply_fn, params, clips, labels)
+  delta = jax.jit(vl.fl.fedavg_update, static_argnums=0, static_argnames="local")(
+      apply_fn, params, clips, labels, local=vl.fl.LocalTraining(epochs=1, batch_size=0, lr=0.5))
+  grads = jax.jit(vl.fl.client_update, static_argnums=0)(apply_fn, params, clips, labels)
   for d, g in zip(jax.tree.leaves(delta), jax.tree.leaves(grads)):
     np.testing.assert_allclose(d, 0.5 * g, rtol=1e-4, atol=1e-7)
 
@@ -106,7 +107,8 @@ def test_aggregate_is_the_example_weighted_mean():
   clips, labels = tiny_batch(6)
   sizes = [1, 2, 3]
   starts = np.cumsum([0, *sizes])
-  updates = [vl.fl.client_update(apply_fn, params, clips[a:b], labels[a:b])
+  client_update = jax.jit(vl.fl.client_update, static_argnums=0)
+  updates = [client_update(apply_fn, params, clips[a:b], labels[a:b])
              for a, b in zip(starts[:-1], starts[1:])]
   mean = vl.fl.aggregate(updates, weights=sizes)
   for i, leaf in enumerate(jax.tree.leaves(mean)):
@@ -114,7 +116,7 @@ def test_aggregate_is_the_example_weighted_mean():
                    for n, u in zip(sizes, updates)) / sum(sizes)
     np.testing.assert_allclose(leaf, expected, rtol=1e-5, atol=1e-8)
   # FedSGD gradients of clients weighted by their sizes = the gradient of the pooled batch.
-  pooled = vl.fl.client_update(apply_fn, params, clips, labels)
+  pooled = client_update(apply_fn, params, clips, labels)
   for a, b in zip(jax.tree.leaves(mean), jax.tree.leaves(pooled)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   with pytest.raises(ValueError, match="N >= 1"):

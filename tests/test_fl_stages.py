@@ -20,6 +20,7 @@ FL = ("--fl_rounds=2", "--fl_clients=2", "--fl_client_clips=4", "--fl_test_clips
       "--update=fedavg", "--local_epochs=2", "--local_batch_size=1", "--batch_size=2")
 
 
+@pytest.mark.slow
 def test_train_stage_then_the_same_model_from_a_weights_file(tmp_path):
   trained = tmp_path / "trained"
   done = run_main(*TINY, *FL, f"--workdir={trained}", "--stages=train,data,attack")
