@@ -1,8 +1,12 @@
 """Federated learning: what clients compute and share (FedSGD gradients, FedAvg deltas after local
-epochs over mini-batches), the server's aggregation and rounds, and the attacker's replay."""
+epochs over mini-batches), the server's aggregation and rounds, the attacker's replay, client-side
+defences (update transforms, `defenses`) and DP-SGD with its accountant (`privacy`)."""
 
+from vidleak_jax.fl import defenses, privacy
+from vidleak_jax.fl.defenses import DEFENSES, Defense, compose, defend, support
 from vidleak_jax.fl.local import (APPROXIMATIONS, LocalTraining, UpdateFn, fedavg_update,
                                   local_train, minibatch_order, replay)
+from vidleak_jax.fl.privacy import dp_client_update, epsilon
 from vidleak_jax.fl.server import accuracy, aggregate, aggregated, client_keys, fedavg_round, train_global
 from vidleak_jax.fl.updates import client_update, cross_entropy
 
@@ -10,3 +14,5 @@ __all__ = ["APPROXIMATIONS", "LocalTraining", "UpdateFn", "accuracy", "aggregate
            "client_keys",
            "client_update", "cross_entropy", "fedavg_round", "fedavg_update", "local_train",
            "minibatch_order", "replay", "train_global"]
+__all__ += ["DEFENSES", "Defense", "compose", "defend", "defenses", "dp_client_update", "epsilon",
+            "privacy", "support"]

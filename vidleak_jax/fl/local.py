@@ -108,6 +108,9 @@ def fedavg_update(apply_fn: ApplyFn, params: Params, clips: Clip, labels: Labels
   return jax.tree.map(jnp.subtract, params, trained)
 
 
+APPROXIMATIONS = ("order", "full_batch", "fedsgd")  # what the attacker assumes of a FedAvg round
+
+
 def replay(local: LocalTraining, *, order: jax.Array | np.ndarray | None = None,
            approximation: str = "order", remat: bool = False) -> UpdateFn:
   """The attacker's model of the client's update, for `gradient_matching_loss(update_fn=...)`.
@@ -123,10 +126,7 @@ def replay(local: LocalTraining, *, order: jax.Array | np.ndarray | None = None,
     return functools.partial(_replay_full_batch, local=local, remat=remat)
   if approximation == "fedsgd":
     return functools.partial(_fedsgd_scaled, local=local)
-  raise ValueError(f"approximation={approximation!r}; valid: order, full_batch, fedsgd")
-
-
-APPROXIMATIONS = ("order", "full_batch", "fedsgd")
+  raise ValueError(f"approximation={approximation!r}; valid: {', '.join(APPROXIMATIONS)}")
 
 
 def _replay_order(apply_fn, params, clips, labels, *, local, order, remat):
