@@ -29,6 +29,10 @@ Scopes and conventions (n: entries of the whole update; a tensor: one leaf):
   sign            signSGD per tensor: sign(x) · mean|x| (zeros stay zero).
   clip_and_noise  the update-level Gaussian mechanism: scale the update to global L2 norm <= C,
                   add N(0, (σC)²) to every entry.
+
+A defence is also named by a spec string, "name" or "name:key=value:key=value" (e.g.
+"top_k:fraction=0.1", "clip_and_noise:clip_norm=1:noise_multiplier=0.01"): `parse_spec` reads
+one, `from_spec` builds it. `SPARSIFYING` names the defences whose zeros mean "not sent".
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ from vidleak_jax.types import Grads
 
 Defense = optax.GradientTransformationExtraArgs
 DEFENSES: Registry[Callable[..., Defense]] = Registry("defense")
+# Defences that zero entries the client then does not send: a zero of their output says nothing
+# about the entry's value (an attacker matches only on the update's support).
+SPARSIFYING = frozenset({"top_k", "prune", "random_mask"})
 
 _TINY = 1e-30  # guards divisions by a zero norm or scale
 
@@ -232,14 +239,62 @@ def clip_and_noise(clip_norm: float, noise_multiplier: float) -> Defense:
 def build(name: str, **settings: Any) -> Defense:
   """The defence registered as `name` with its `settings` (e.g. build("prune", p=0.3)).
   KeyError listing the valid names for an unknown one; ValueError naming a setting the
-  defence does not take."""
+  defence does not take, or one it needs that is missing."""
   factory = DEFENSES.get(name)
   valid = inspect.signature(factory).parameters
   unknown = [s for s in settings if s not in valid]
   if unknown:
     raise ValueError(f"defense {name!r} takes no setting {', '.join(unknown)}; valid: "
                      f"{', '.join(valid) or 'none'}")
+  missing = [s for s, p in valid.items() if p.default is p.empty and s not in settings]
+  if missing:
+    raise ValueError(f"defense {name!r} needs setting(s) {', '.join(missing)}")
   return factory(**settings)
+
+
+def _spec_value(text: str) -> int | float | bool:
+  """A spec value: an integer, a finite float, or true/false."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return int(text)
+  except ValueError:
+    pass
+  try:
+    value = float(text)
+  except ValueError:
+    raise ValueError(f"{text!r} is not a number or true/false") from None
+  if not math.isfinite(value):
+    raise ValueError(f"{text!r} is not finite")
+  return value
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, int | float | bool]]:
+  """(name, settings) of a spec "name" or "name:key=value:key=value" (values: integers, finite
+  floats, true/false), e.g. "prune:p=0.3:per_tensor=true" -> ("prune", {"p": 0.3,
+  "per_tensor": True}). ValueError for a malformed spec; the name is not looked up."""
+  name, *items = spec.strip().split(":")
+  if not name.isidentifier():
+    raise ValueError(f"{spec!r}: expected name or name:key=value:key=value")
+  settings: dict[str, int | float | bool] = {}
+  for item in items:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key.isidentifier() or key in settings:
+      raise ValueError(f"{spec!r}: {item!r} is not one key=value (keys once each; settings "
+                       f"are separated by ':')")
+    try:
+      settings[key] = _spec_value(text.strip())
+    except ValueError as e:
+      raise ValueError(f"{spec!r}: {key}: {e}") from None
+  return name, settings
+
+
+def from_spec(spec: str) -> Defense:
+  """The defence a spec names (`parse_spec`, then `build`): KeyError for an unknown name,
+  ValueError for a malformed spec or a bad setting."""
+  name, settings = parse_spec(spec)
+  return build(name, **settings)
 
 
 def compose(*defenses: Defense) -> Defense:
