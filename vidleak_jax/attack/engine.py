@@ -171,13 +171,14 @@ def make_optimisation(objective: ObjectiveFn, starts: Callable[[jax.Array], jax.
 def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: Labels,
                 clip_shape: tuple[int, ...], config: AttackConfig, *,
                 references: jax.Array | None = None,
-                update_fn: UpdateFn = client_update) -> Attack:
+                update_fn: UpdateFn = client_update, mask: Grads | None = None) -> Attack:
   """Builds the attack for clips of `clip_shape` (B,T,H,W,C) with known/recovered `labels` [B].
 
   `references` [k,H,W,C]: the attacker's frames of the same camera (used by init="reference" and
   param="background_residual"). The optimised latents follow `config.param` and
   `config.attack_scale` (see `vidleak_jax.attack.parametrize`). `update_fn`: what the client
-  computed from its clips (see `gradient_matching_loss`).
+  computed from its clips; `mask` (like params): the entries matched, None = all (see
+  `gradient_matching_loss`).
   """
   if config.init == "reference":
     expected = (*clip_shape[2:],)
@@ -194,7 +195,7 @@ def make_attack(apply_fn: ApplyFn, params: Params, target_grads: Grads, labels: 
     # (`fast_convs`), once per trace of the objective.
     match = gradient_matching_loss(apply_fn, params, target_grads, clips, labels, config.metric,
                                    layer_weights=config.layer_weights, conv=config.conv,
-                                   update_fn=update_fn)
+                                   update_fn=update_fn, mask=mask)
     total = match + sum(w * fn(clips) for fn, w in priors)
     if param.penalty is not None:
       total = total + param.penalty(latents)

@@ -65,14 +65,36 @@ def resolve_layer_weights(tree, layer_weights: Mapping[str, float] | None) -> li
   return weights
 
 
+def validate_mask(params: Params, mask: Grads) -> None:
+  """ValueError unless `mask` has params' structure and, leaf by leaf, its shape."""
+  p_paths, m_paths = leaf_paths(params), leaf_paths(mask)
+  if p_paths != m_paths:
+    raise ValueError(f"mask does not match the model's parameters: missing "
+                     f"{sorted(set(p_paths) - set(m_paths))[:5]}, unexpected "
+                     f"{sorted(set(m_paths) - set(p_paths))[:5]}")
+  for path, p, m in zip(p_paths, jax.tree.leaves(params), jax.tree.leaves(mask)):
+    if jnp.shape(p) != jnp.shape(m):
+      raise ValueError(f"mask[{path!r}] has shape {jnp.shape(m)}, expected {jnp.shape(p)}")
+
+
+def _masked(leaves: Sequence[jax.Array], keep: Sequence[jax.Array]) -> list[jax.Array]:
+  return [jnp.where(k, x, jnp.zeros((), x.dtype)) for x, k in zip(leaves, keep)]
+
+
 def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grads, clips: Clip,
                            labels: Labels, metric: str = "cosine", *,
                            layer_weights: Mapping[str, float] | None = None,
-                           conv: str = "auto", update_fn: UpdateFn = client_update) -> jax.Array:
+                           conv: str = "auto", update_fn: UpdateFn = client_update,
+                           mask: Grads | None = None) -> jax.Array:
   """Scalar distance between the update of (clips[B,T,H,W,C], labels[B]) and target_grads.
 
   `update_fn(apply_fn, params, clips, labels)`: what the client computed, by default its FedSGD
   gradient (`client_update`); for FedAvg, `vidleak_jax.fl.replay(...)` replays its local training.
+
+  `mask`: a pytree like params (bool, or numbers where nonzero = kept); the distance then sees
+  only the entries it keeps, in both updates (e.g. `vidleak_jax.fl.support(target_grads)` against
+  a sparsified update: a zero the client did not send is not matched; cosine's norms are those of
+  the kept entries). None: every entry (the same numbers as without the argument).
 
   Pure: differentiable w.r.t. `clips` and usable under `jax.jit` / `jax.vmap`. `clips` and `labels`
   as in `client_update` (floating clips in [0, 1]; int labels [B] in [0, K) or label probabilities
@@ -96,4 +118,9 @@ def gradient_matching_loss(apply_fn: ApplyFn, params: Params, target_grads: Grad
     conv = "xla"
   grads = update_fn(fast_convs(apply_fn, conv), params, clips, labels)
   weights = resolve_layer_weights(params, layer_weights)
-  return distance(jax.tree.leaves(grads), jax.tree.leaves(target_grads), weights)
+  grads, targets = jax.tree.leaves(grads), jax.tree.leaves(target_grads)
+  if mask is not None:
+    validate_mask(params, mask)
+    keep = [jnp.asarray(m).astype(bool) for m in jax.tree.leaves(mask)]
+    grads, targets = _masked(grads, keep), _masked(targets, keep)
+  return distance(grads, targets, weights)

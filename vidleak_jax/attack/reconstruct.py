@@ -14,6 +14,7 @@ from vidleak_jax.attack.config import AttackConfig
 from vidleak_jax.attack.driver import MAX_SNAPSHOTS, ProgressFn, check_state_fits, drive
 from vidleak_jax.attack.engine import AttackState, make_attack
 from vidleak_jax.attack.labels import recover_labels
+from vidleak_jax.attack.objectives import validate_mask
 from vidleak_jax.fl.local import UpdateFn
 from vidleak_jax.fl.updates import client_update
 from vidleak_jax.inputs import check_clips, check_labels
@@ -72,7 +73,8 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
                 checkpoint_dir: str | None = None, checkpoint_every: int = 1,
                 should_stop: Callable[[], bool] | None = None,
                 update_fn: UpdateFn = client_update,
-                label_trajectory: tuple[int, float] | None = None) -> Reconstruction:
+                label_trajectory: tuple[int, float] | None = None,
+                mask: Grads | None = None) -> Reconstruction:
   """Optimises R candidate batches of clips [B,T,H,W,C] whose gradient matches `target_grads`.
 
   `target_grads`: params' structure, shapes and dtypes (float32 gradients of float32 params),
@@ -94,11 +96,15 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
   `update_fn`: what the client computed from its clips; the default is the FedSGD gradient; for
   a FedAvg delta pass `vidleak_jax.fl.replay(local, order=...)` (the attack then matches the
   replayed local training) and `label_trajectory=(local steps, local lr)` for label recovery.
+  `mask` (a pytree like params, bool or 0/1): match only the entries it keeps, e.g.
+  `vidleak_jax.fl.support(target_grads)` against a sparsified update; None matches all.
   """
   if checkpoint_every < 1:
     raise ValueError(f"checkpoint_every must be >= 1 (dispatches), got {checkpoint_every}")
   clip_shape, logits = _checked_shapes(apply_fn, params, clip_shape)
   validate_target_grads(params, target_grads)
+  if mask is not None:
+    validate_mask(params, mask)
   if labels is not None:
     labels = check_labels(labels, logits, clip_shape[0])
   if references is not None:
@@ -112,12 +118,14 @@ def reconstruct(key: jax.Array, apply_fn: ApplyFn, params: Params, target_grads:
 
   attack = make_attack(apply_fn, params, target_grads, labels, clip_shape, config,
                        references=None if references is None else jnp.asarray(references),
-                       update_fn=update_fn)
+                       update_fn=update_fn, mask=mask)
   check_state_fits(attack.init, init_key, config)  # before anything is allocated
   state: AttackState = jax.jit(attack.init)(init_key)
   init_candidates = np.asarray(state.candidates)  # host copy: the state's buffers get donated
+  # A mask is hashed with the update it restricts: a checkpoint of another mask is refused.
+  matched = target_grads if mask is None else {"update": target_grads, "mask": mask}
   identity = None if checkpoint_dir is None else checkpoint.describe(
-      key, config, clip_shape, labels, target_grads, references)
+      key, config, clip_shape, labels, matched, references)
   done = drive(attack, state, config, identity=identity, progress=progress, mesh=mesh,
                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                should_stop=should_stop,
