@@ -16,7 +16,7 @@ from absl import logging
 
 from vidleak_jax.pipeline import rundir
 from vidleak_jax.pipeline.config import RunConfig
-from vidleak_jax.pipeline.run import RUN_FILE, differences, run, run_settings
+from vidleak_jax.pipeline.run import RUN_FILE, changed_since, run
 
 def changed_settings(cfg: RunConfig) -> list[str] | None:
   """None if cfg.workdir holds no finished run; else the dotted names of the settings in which
@@ -26,7 +26,7 @@ def changed_settings(cfg: RunConfig) -> list[str] | None:
     return None
   with open(path, encoding="utf-8") as f:
     done = json.load(f)["settings"]
-  return differences(done, run_settings(cfg))
+  return changed_since(done, cfg)
 
 
 def run_or_reuse(cfg: RunConfig, flag_values: dict[str, Any] | None = None, *,

@@ -106,6 +106,27 @@ def differences(done: Any, now: Any, prefix: str = "") -> list[str]:
   return [] if done == now else [prefix.rstrip(".")]
 
 
+_ABSENT = object()
+
+
+def _lookup(settings: Any, dotted: str) -> Any:
+  for name in dotted.split("."):
+    if not isinstance(settings, dict) or name not in settings:
+      return _ABSENT
+    settings = settings[name]
+  return settings
+
+
+def changed_since(done: dict[str, Any], cfg: RunConfig) -> list[str]:
+  """Dotted names of the settings in which a recorded run (`done`: its `run_settings`) differs
+  from `cfg`. A setting the record lacks (added to RunConfig after that run) is unchanged while
+  `cfg` leaves it at its default: a new setting's default keeps the behaviour the run had."""
+  now = run_settings(cfg)
+  default = run_settings(RunConfig(workdir=cfg.workdir))
+  return [d for d in differences(done, now)
+          if not (_lookup(done, d) is _ABSENT and _lookup(now, d) == _lookup(default, d))]
+
+
 def _refuse_other_settings_while_in_progress(cfg: RunConfig) -> None:
   """ValueError, before anything is written, if cfg.workdir holds an unfinished run (its
   checkpoints) of other settings: resuming it would mix two runs."""
@@ -113,7 +134,7 @@ def _refuse_other_settings_while_in_progress(cfg: RunConfig) -> None:
   if not (os.path.isdir(rundir.path(cfg, "checkpoints")) and os.path.isfile(settings_path)):
     return
   with open(settings_path, encoding="utf-8") as f:
-    changed = [c for c in differences(json.load(f), run_settings(cfg)) if c != "stages"]
+    changed = [c for c in changed_since(json.load(f), cfg) if c != "stages"]
   if changed:
     raise InvalidSetting(changed[0], f"{cfg.workdir} holds an unfinished run with other settings "
                          f"({', '.join(changed[:5])}); rerun it with its settings to resume, or "
