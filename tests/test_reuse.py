@@ -9,7 +9,7 @@ import os
 import pytest
 
 from vidleak_jax import attack, pipeline
-from vidleak_jax.pipeline import run as run_module
+from vidleak_jax.pipeline.run import changed_since, run_settings
 
 
 def _files(directory) -> dict[str, int]:
@@ -41,9 +41,9 @@ def test_a_finished_run_is_reused_and_one_of_other_settings_refused(tmp_path):
 
 def test_a_setting_added_after_a_run_counts_as_changed_only_off_its_default(tmp_path):
   cfg = pipeline.RunConfig(workdir=str(tmp_path / "run"))
-  done = run_module.run_settings(cfg)
+  done = run_settings(cfg)
   del done["clients"], done["local"]["momentum"]  # as recorded before those settings existed
-  assert run_module.changed_since(done, cfg) == []
+  assert changed_since(done, cfg) == []
   moved = dataclasses.replace(cfg, clients=2, local=dataclasses.replace(cfg.local, momentum=0.5))
-  assert run_module.changed_since(done, moved) == ["clients", "local.momentum"]
-  assert run_module.changed_since(done, dataclasses.replace(cfg, seed=3)) == ["seed"]
+  assert changed_since(done, moved) == ["clients", "local.momentum"]
+  assert changed_since(done, dataclasses.replace(cfg, seed=3)) == ["seed"]
