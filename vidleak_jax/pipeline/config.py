@@ -15,6 +15,7 @@ from vidleak_jax.attack import AttackConfig
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.data import sources
 from vidleak_jax.fl import LocalTraining
+from vidleak_jax.fl import defenses as fl_defenses
 from vidleak_jax.models import extractors, heads
 from vidleak_jax.pretrain import PretrainConfig
 from vidleak_jax.settings import (InvalidChoice, InvalidSetting, check, setting,
@@ -29,6 +30,65 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 PIPELINES = ("frames", "features")
 FEATURE_ATTACKS = ("analytic", "matching", "subspace", "end_to_end")
 UPDATES = ("fedsgd", "fedavg")
+# A client option in `defenses` besides the update transforms of `fl.DEFENSES`: DP-SGD's FedSGD
+# update (per-example clipping + Gaussian noise, `fl.privacy.dp_client_update`).
+DP_SGD = "dp_sgd"
+DP_SGD_SETTINGS = ("clip_norm", "noise_multiplier")
+Defenses = tuple[tuple[str, dict[str, Any]], ...]
+
+
+def defense_names() -> tuple[str, ...]:
+  """The names a `defenses` spec may start with: the registered defences and dp_sgd."""
+  return tuple(sorted((*fl_defenses.DEFENSES.names(), DP_SGD)))
+
+
+def _check_dp_sgd(settings: dict[str, Any]) -> None:
+  unknown = sorted(set(settings) - set(DP_SGD_SETTINGS))
+  missing = [k for k in DP_SGD_SETTINGS if k not in settings]
+  if unknown or missing:
+    raise ValueError(f"dp_sgd takes exactly the settings {', '.join(DP_SGD_SETTINGS)}"
+                     + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                     + (f"; missing: {', '.join(missing)}" if missing else ""))
+  check(settings["clip_norm"] > 0, "clip_norm", f"must be > 0, got {settings['clip_norm']}")
+  check(settings["noise_multiplier"] >= 0, "noise_multiplier",
+        f"must be >= 0, got {settings['noise_multiplier']}")
+
+
+def parse_defenses(specs: Sequence[str], *, update: str = "fedsgd") -> Defenses:
+  """The defences `specs` name, in order, as (name, settings) pairs: each spec is "name" or
+  "name:key=value:key=value" (`fl.defenses.parse_spec`), checked by building it. InvalidChoice
+  naming `defenses` (and listing the valid names) for an unknown name, InvalidSetting for a
+  malformed spec, a bad setting, or dp_sgd anywhere but first or with update="fedavg"."""
+  if isinstance(specs, str):
+    raise InvalidSetting("defenses", f"defenses must be a sequence of specs, got the string "
+                         f"{specs!r} (split it at its commas)")
+  out = []
+  for i, spec in enumerate(specs):
+    try:
+      name, settings = fl_defenses.parse_spec(spec)
+    except ValueError as e:
+      raise InvalidSetting("defenses", f"defenses: {e}") from None
+    if name not in defense_names():
+      raise InvalidChoice("defenses", f"defenses: unknown defense {name!r} in {spec!r}; valid: "
+                                      f"{', '.join(defense_names())}")
+    try:
+      if name == DP_SGD:
+        _check_dp_sgd(settings)
+      else:
+        fl_defenses.build(name, **settings)
+    except ValueError as e:
+      raise InvalidSetting("defenses", f"defenses: {spec!r}: {e}") from None
+    if name == DP_SGD and i:
+      raise InvalidSetting("defenses", f"defenses: {spec!r} must come first: DP-SGD computes the "
+                           "update that the other defences transform")
+    if name == DP_SGD and update != "fedsgd":
+      raise InvalidSetting("defenses", f"defenses: {spec!r} needs update='fedsgd': DP-SGD in "
+                           "FedAvg clips and noises every local step's per-example gradients, "
+                           "which fl.fedavg_update (and the attacker's replay) do not implement; "
+                           "clip_and_noise clips and noises the whole delta (DP-FedAvg's client "
+                           "side)")
+    out.append((name, settings))
+  return tuple(out)
 
 
 def _check_data_spec(field: str, spec: str) -> None:
@@ -135,6 +195,12 @@ class RunConfig:
   clients: int = setting(1, help="Clients N in the attacked round, B clips each: the attacker "
                          "sees only the example-weighted mean of their updates (what secure "
                          "aggregation reveals) and attacks it as one batch of N*B clips.")
+  defenses: Sequence[str] = setting(
+      (), help="Defences every attacked client applies to its update before aggregation, in "
+      "order, comma-separated: name or name:key=value:key=value (e.g. "
+      "top_k:fraction=0.1,int8 or clip_and_noise:clip_norm=1:noise_multiplier=0.01); names: "
+      f"{', '.join(defense_names())} (dp_sgd:clip_norm=C:noise_multiplier=s: DP-SGD's FedSGD "
+      "update, first only). The attacker knows them and adapts (README: Defences).")
   train: TrainConfig = setting(TrainConfig(), help="The train stage.")
   victim_weights: str | None = setting(
       None, help="Attack a model trained elsewhere: a .safetensors or .npz file of the victim's "
@@ -180,6 +246,7 @@ class RunConfig:
         self.local.minibatch(clips)
       except ValueError as e:
         raise InvalidSetting("local.batch_size", str(e)) from None
+    parse_defenses(self.defenses, update=self.update)
     check(self.gif_fps >= 0.1, "gif_fps", f"must be >= 0.1, got {self.gif_fps}")
     check(self.sr.method in ("none", "bicubic", "lanczos3") or self.clip_shape[3] == 3, "sr",
           f"method {self.sr.method!r}: its networks are trained on RGB frames; clips have "

@@ -71,9 +71,11 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   clip_shape = (rundir.attacked_clips(cfg), *cfg.clip_shape)
   keys = jax.random.split(rundir.keys(cfg.seed)["attack"])
   refs = rundir.attack_references(cfg)
+  support = rundir.match_support(cfg, shared)  # the defences (end_to_end adapts to them)
+  update_fn = rundir.attacker_update_fn(cfg, support=support)
   labels = known if known is not None else attack.recover_labels(
       keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs,
-      trajectory=rundir.label_trajectory(cfg), update_fn=rundir.attacker_update_fn(cfg))
+      trajectory=rundir.label_trajectory(cfg), update_fn=update_fn)
   if cfg.update == "fedavg" and cfg.features.attack != "end_to_end":
     logging.warning("stage 1 matches the head's FedAvg delta as if it were one gradient (the "
                     "FedSGD approximation); feature_attack='end_to_end' replays the local "
@@ -85,7 +87,7 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
       rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
                                clip_shape=clip_shape, labels=labels,
                                config=rundir.attack_config(cfg),
-                               references=refs, update_fn=rundir.attacker_update_fn(cfg),
+                               references=refs, update_fn=update_fn, mask=support,
                                **tracking)
     clips_hat, loss, history = np.asarray(rec.clips), rec.loss, rec.history["loss"].min(axis=1)
     init = np.asarray(rec.init_clips)

@@ -43,12 +43,14 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   # --- attacker side: from here on only public information and the shared update ---
   clip_shape = (rundir.attacked_clips(cfg), *cfg.clip_shape)
   references = rundir.attack_references(cfg)
+  support = rundir.match_support(cfg, shared)  # the defences are public: the attack adapts
   with rundir.tracked(cfg) as tracking:
     rec = attack.reconstruct(rundir.keys(cfg.seed)["attack"], apply_fn, params, shared,
                              clip_shape=clip_shape, labels=known,
-                             config=rundir.attack_config(cfg),
-                             references=references, update_fn=rundir.attacker_update_fn(cfg),
-                             label_trajectory=rundir.label_trajectory(cfg), **tracking)
+                             config=rundir.attack_config(cfg), references=references,
+                             update_fn=rundir.attacker_update_fn(cfg, support=support),
+                             label_trajectory=rundir.label_trajectory(cfg), mask=support,
+                             **tracking)
   rundir.save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
               clips_lowres=rec.clips_lowres, labels=np.asarray(rec.labels),
               loss=np.asarray(rec.loss), restart_losses=rec.restart_losses,
