@@ -63,7 +63,7 @@ def one_seed(seed: int) -> dict[str, float]:
     refs = report.load_npz(os.path.join(workdir, "references.npz"))["frames"]
   apply_fn, params = pipeline.build_victim(cfg)
   clips, labels = jnp.asarray(batch["clips"]), np.asarray(batch["labels"])
-  grads = pipeline.rundir.client_side(cfg, apply_fn, params, clips, jnp.asarray(labels))
+  grads = pipeline.clients.client_side(cfg, apply_fn, params, clips, jnp.asarray(labels))
   k, (t, *frame) = cfg.num_classes, cfg.clip_shape
   recover = lambda given: np.asarray(label_recovery.recover_labels(
       jax.random.key(seed), apply_fn, params, grads, clips.shape, references=given))

@@ -89,7 +89,7 @@ def test_reference_frames_recover_batch_labels_through_a_frozen_extractor(tmp_pa
     refs = report.load_npz(str(tmp_path / str(seed) / "references.npz"))["frames"]
     apply_fn, params = pipeline.build_victim(cfg)
     clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
-    target = pipeline.rundir.client_side(cfg, apply_fn, params, clips, labels)
+    target = pipeline.clients.client_side(cfg, apply_fn, params, clips, labels)
     for name, given in (("noise", None), ("references", refs)):
       got = vl.attack.recover_labels(jax.random.key(seed), apply_fn, params, target, clips.shape,
                                      references=given)

@@ -16,7 +16,7 @@ from experiments import config_flags
 from tests.conftest import ROOT, run_main, tiny_batch, tiny_victim
 from vidleak_jax import io as vio
 from vidleak_jax import pipeline, settings
-from vidleak_jax.pipeline import rundir
+from vidleak_jax.pipeline import clients
 from vidleak_jax.tree_io import flatten_tree
 
 
@@ -85,11 +85,11 @@ def test_a_defended_run_shares_the_defence_applied_to_its_undefended_update(tmp_
                 f"--workdir={workdir}")
   assert cfg.defenses == ()
   apply_fn, params = pipeline.build_victim(cfg)
-  clips, labels = rundir.client_batch(cfg)
-  undefended = rundir.client_side(cfg, apply_fn, params, clips, labels)
+  clips, labels = clients.client_batch(cfg)
+  undefended = clients.client_side(cfg, apply_fn, params, clips, labels)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), 3), 0)
   assert (jax.random.key_data(key) == jax.random.key_data(
-      rundir.defense_key(dataclasses.replace(cfg, defenses=specs), 0))).all()
+      clients.defense_key(dataclasses.replace(cfg, defenses=specs), 0))).all()
   by_hand = flatten_tree(vl.fl.defend(key, undefended,
                                       [vl.fl.defenses.from_spec(s) for s in specs]))
   shared = vio.load_npz(str(workdir / "shared_update.npz"))
@@ -107,15 +107,15 @@ def test_each_client_of_an_aggregated_round_is_defended_with_its_own_key():
   clips, labels = tiny_batch(2)
   cfg = pipeline.RunConfig(workdir="w", clients=2, clip_shape=(4, 16, 16, 3),
                            defenses=("random_mask:q=0.5",))
-  shared = rundir.client_side(cfg, apply_fn, params, clips, labels)
-  per_client = [vl.fl.defend(rundir.defense_key(cfg, i), vl.fl.client_update(
+  shared = clients.client_side(cfg, apply_fn, params, clips, labels)
+  per_client = [vl.fl.defend(clients.defense_key(cfg, i), vl.fl.client_update(
       apply_fn, params, clips[i:i + 1], labels[i:i + 1]), [vl.fl.defenses.random_mask(0.5)])
       for i in range(2)]
   expected = vl.fl.aggregate(per_client)
   for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)  # jit(vmap) vs eager: rounding
-  assert rundir.match_support(cfg, shared) is not None
-  assert rundir.match_support(dataclasses.replace(cfg, defenses=("int8",)), shared) is None
+  assert clients.match_support(cfg, shared) is not None
+  assert clients.match_support(dataclasses.replace(cfg, defenses=("int8",)), shared) is None
 
 
 def test_attacker_replays_the_clip_and_dp_sgd_without_their_noise():
@@ -126,7 +126,7 @@ def test_attacker_replays_the_clip_and_dp_sgd_without_their_noise():
   base = dict(workdir="w", batch_size=2, clip_shape=(4, 16, 16, 3))
   clip = pipeline.RunConfig(**base, defenses=(f"clip_and_noise:clip_norm={norm / 4}:"
                                               "noise_multiplier=0.3",))
-  replay = lambda cfg: rundir.attacker_update_fn(cfg)(apply_fn, params, clips, labels)
+  replay = lambda cfg: clients.attacker_update_fn(cfg)(apply_fn, params, clips, labels)
   replayed = replay(clip)
   for a, b in zip(jax.tree.leaves(replayed), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b / 4, rtol=1e-5, atol=1e-10)
@@ -137,7 +137,7 @@ def test_attacker_replays_the_clip_and_dp_sgd_without_their_noise():
   for a, b in zip(jax.tree.leaves(replayed), jax.tree.leaves(noiseless)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-10)
   # No defence: the attacker's model is the plain client update, unchanged.
-  assert rundir.attacker_update_fn(pipeline.RunConfig(**base)) is vl.fl.client_update
+  assert clients.attacker_update_fn(pipeline.RunConfig(**base)) is vl.fl.client_update
 
 
 def test_the_defenses_flag_is_parsed_in_order_and_off_by_default():

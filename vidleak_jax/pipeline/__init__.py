@@ -1,8 +1,11 @@
-"""The experiment pipeline: stages pretrain → data → attack → sr → eval reading and writing one run
-directory (see README's table of files).
+"""The experiment pipeline: stages pretrain → train → data → attack → sr → eval reading and writing
+one run directory (see README's table of files).
 
   config          RunConfig / FeatureConfig and the stage list, validated in one place
-  rundir          keyed streams, save / require, the references reader, the client side
+  rundir          keyed streams, save / require, the references reader, the lock, progress
+  clients         the attacked round's clients (batches, orders, defences, aggregated update)
+                  and the attacker's model of them (replay, penalty scale, label trajectory)
+  weights, train  the attacked model's weights; the train stage (FedAvg rounds)
   victim          the run's victim as (apply_fn, params); feature_victim: extractor + head
   frames          data and raw-frame attack stages; features: the feature pipeline's attack
   sr, evaluate    the sr and eval stages

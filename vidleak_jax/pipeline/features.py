@@ -24,7 +24,7 @@ from vidleak_jax import attack
 from vidleak_jax.attack import analytic
 from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.attack.engine import init_candidates
-from vidleak_jax.pipeline import rundir
+from vidleak_jax.pipeline import clients, rundir
 from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.pipeline.feature_victim import FeatureVictim, build_feature_victim
 from vidleak_jax.types import Grads
@@ -48,10 +48,10 @@ def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips
     logging.info("stage 1 (analytic): %d of %d clip(s) recovered in closed form", count,
                  len(start))
     return found, np.zeros((0,))
-  if getattr(head, "depth", None) == 0 and rundir.attacked_clips(cfg) >= cfg.num_classes:
+  if getattr(head, "depth", None) == 0 and clients.attacked_clips(cfg) >= cfg.num_classes:
     logging.warning("stage 1: a linear head's gradient does not identify its inputs at B = %d >= "
                     "K = %d classes (`invisible_input_shifts`); the feature error then measures "
-                    "the attack's starting point as much as the leak", rundir.attacked_clips(cfg),
+                    "the attack's starting point as much as the leak", clients.attacked_clips(cfg),
                     cfg.num_classes)
   decode = None
   if fc.attack == "subspace":  # an MLPHead (RunConfig checks)
@@ -66,16 +66,16 @@ def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips
 def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   """Client update on the head (or `captured`), then the configured feature attack."""
   victim = build_feature_victim(cfg)
-  shared, known = rundir.shared_update(cfg, victim.apply_fn, victim.params, captured)
+  shared, known = clients.shared_update(cfg, victim.apply_fn, victim.params, captured)
   # --- attacker side: the head's params, the frozen extractor, the shared update ---
-  clip_shape = (rundir.attacked_clips(cfg), *cfg.clip_shape)
+  clip_shape = (clients.attacked_clips(cfg), *cfg.clip_shape)
   keys = jax.random.split(rundir.keys(cfg.seed)["attack"])
   refs = rundir.attack_references(cfg)
-  support = rundir.match_support(cfg, shared)  # the defences (end_to_end adapts to them)
-  update_fn = rundir.attacker_update_fn(cfg, support=support)
+  support = clients.match_support(cfg, shared)  # the defences (end_to_end adapts to them)
+  update_fn = clients.attacker_update_fn(cfg, support=support)
   labels = known if known is not None else attack.recover_labels(
       keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs,
-      trajectory=rundir.label_trajectory(cfg), update_fn=update_fn)
+      trajectory=clients.label_trajectory(cfg), update_fn=update_fn)
   if cfg.update == "fedavg" and cfg.features.attack != "end_to_end":
     logging.warning("stage 1 matches the head's FedAvg delta as if it were one gradient (the "
                     "FedSGD approximation); feature_attack='end_to_end' replays the local "
@@ -86,7 +86,7 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
     with rundir.tracked(cfg, "end_to_end") as tracking:
       rec = attack.reconstruct(keys[1], victim.apply_fn, victim.params, shared,
                                clip_shape=clip_shape, labels=labels,
-                               config=rundir.attack_config(cfg),
+                               config=clients.attack_config(cfg),
                                references=refs, update_fn=update_fn, mask=support,
                                **tracking)
     clips_hat, loss, history = np.asarray(rec.clips), rec.loss, rec.history["loss"].min(axis=1)

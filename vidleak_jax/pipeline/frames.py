@@ -9,7 +9,7 @@ from absl import logging
 
 from vidleak_jax import attack
 from vidleak_jax.data import sources
-from vidleak_jax.pipeline import rundir
+from vidleak_jax.pipeline import clients, rundir
 from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.types import Grads
@@ -39,17 +39,17 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   """Client computes its update (or `captured` is given); the attacker sees only (model, params,
   update) and inverts it into reconstruction.npz."""
   apply_fn, params = build_victim(cfg)
-  shared, known = rundir.shared_update(cfg, apply_fn, params, captured)
+  shared, known = clients.shared_update(cfg, apply_fn, params, captured)
   # --- attacker side: from here on only public information and the shared update ---
-  clip_shape = (rundir.attacked_clips(cfg), *cfg.clip_shape)
+  clip_shape = (clients.attacked_clips(cfg), *cfg.clip_shape)
   references = rundir.attack_references(cfg)
-  support = rundir.match_support(cfg, shared)  # the defences are public: the attack adapts
+  support = clients.match_support(cfg, shared)  # the defences are public: the attack adapts
   with rundir.tracked(cfg) as tracking:
     rec = attack.reconstruct(rundir.keys(cfg.seed)["attack"], apply_fn, params, shared,
                              clip_shape=clip_shape, labels=known,
-                             config=rundir.attack_config(cfg), references=references,
-                             update_fn=rundir.attacker_update_fn(cfg, support=support),
-                             label_trajectory=rundir.label_trajectory(cfg), mask=support,
+                             config=clients.attack_config(cfg), references=references,
+                             update_fn=clients.attacker_update_fn(cfg, support=support),
+                             label_trajectory=clients.label_trajectory(cfg), mask=support,
                              **tracking)
   rundir.save(cfg, "reconstruction.npz", clips=np.asarray(rec.clips),
               clips_lowres=rec.clips_lowres, labels=np.asarray(rec.labels),

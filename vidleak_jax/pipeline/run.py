@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from vidleak_jax import io as vio
 from vidleak_jax import resources
 from vidleak_jax.fl import captured as captured_update
-from vidleak_jax.pipeline import features, frames, rundir
+from vidleak_jax.pipeline import clients, features, frames, rundir
 from vidleak_jax.pipeline.config import STAGES, RunConfig
 from vidleak_jax.pipeline.evaluate import stage_eval
 from vidleak_jax.pipeline.feature_victim import stage_pretrain
@@ -84,7 +84,7 @@ def _check_resources(cfg: RunConfig) -> None:
   the run's clips, candidates and optimizer state cannot fit in this machine's memory."""
   if not {"data", "attack"} & set(cfg.stages):
     return
-  resources.check_run(clip_shape=cfg.clip_shape, batch_size=rundir.attacked_clips(cfg),
+  resources.check_run(clip_shape=cfg.clip_shape, batch_size=clients.attacked_clips(cfg),
                       restarts=cfg.attack.restarts if "attack" in cfg.stages else 1,
                       optimizer=cfg.attack.optimizer, lbfgs_memory=cfg.attack.lbfgs_memory,
                       steps=cfg.attack.steps,

@@ -7,7 +7,6 @@ Under `jax.distributed` every process computes every value; process 0 (the write
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import fcntl
 import os
@@ -16,17 +15,13 @@ import socket
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vidleak_jax import fl
 from vidleak_jax import io as vio
-from vidleak_jax.attack import AttackConfig, checkpoint
-from vidleak_jax.pipeline.config import DP_SGD, RunConfig, parse_defenses
+from vidleak_jax.attack import checkpoint
+from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.pipeline.logs import AttackLog
 from vidleak_jax.settings import InvalidSetting
-from vidleak_jax.tree_io import flatten_tree, unflatten_like
-from vidleak_jax.types import Grads
 
 
 LOCK_FILE = ".lock"
@@ -116,207 +111,6 @@ def attack_references(cfg: RunConfig) -> np.ndarray | None:
     raise InvalidSetting("references", "attack.init='reference' needs reference frames: rerun "
                          "the 'data' stage with references=k (k >= 1)")
   return frames
-
-
-def attacked_clips(cfg: RunConfig) -> int:
-  """Clips in the attacked round: N clients × B clips."""
-  return cfg.clients * cfg.batch_size
-
-
-def client_batch(cfg: RunConfig) -> tuple[jax.Array, jax.Array]:
-  """The attacked round's private clips [N·B,T,H,W,C] and labels [N·B] from data.npz (client i
-  holds rows i·B .. i·B+B−1), checked against cfg."""
-  batch = require(cfg, "data.npz", "data")
-  clips, labels = jnp.asarray(batch["clips"]), jnp.asarray(batch["labels"])
-  expected = (attacked_clips(cfg), *cfg.clip_shape)
-  if clips.shape != expected:
-    raise InvalidSetting("clip_shape", f"data.npz holds clips of shape {clips.shape}, but "
-                         f"clients={cfg.clients}, batch_size={cfg.batch_size} and clip_shape="
-                         f"{cfg.clip_shape} ask for {expected}: rerun the 'data' stage")
-  return clips, labels
-
-
-def client_orders(cfg: RunConfig) -> jax.Array | None:
-  """Each attacked client's local mini-batch order, int32 [N, steps, b] (FedAvg), else None."""
-  if cfg.update != "fedavg":
-    return None
-  return jax.vmap(lambda k: fl.minibatch_order(k, cfg.batch_size, cfg.local))(
-      fl.client_keys(keys(cfg.seed)["clients"], 0, cfg.clients))
-
-
-def defense_key(cfg: RunConfig, client: int) -> jax.Array:
-  """The key from which attacked client `client` draws its defences' randomness
-  (`fl.defend(key, update, defenses)`: defence j draws from fold_in(key, j))."""
-  return jax.random.fold_in(keys(cfg.seed)["defenses"], client)
-
-
-def _dp_sgd(cfg: RunConfig) -> dict[str, Any] | None:
-  """dp_sgd's settings (clip_norm, noise_multiplier) when cfg.defenses starts with it, else None."""
-  chain = parse_defenses(cfg.defenses, update=cfg.update)
-  return chain[0][1] if chain and chain[0][0] == DP_SGD else None
-
-
-def _transforms(cfg: RunConfig) -> list[tuple[str, fl.Defense]]:
-  """(spec, defence) of cfg.defenses' update transforms (all but dp_sgd), in order."""
-  return [(spec, fl.defenses.from_spec(spec)) for spec in cfg.defenses
-          if fl.defenses.parse_spec(spec)[0] != DP_SGD]
-
-
-def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
-  """What the server sees of the attacked round, like params: the mean of the N clients'
-  updates (FedSGD gradients or FedAvg deltas), each on its B clips, each after the client's
-  `cfg.defenses` (client i: DP-SGD's noise from fold_in(keys["dp_sgd"], i), the update
-  transforms from `defense_key(cfg, i)`)."""
-  n = cfg.clients
-  clips = clips.reshape(n, cfg.batch_size, *clips.shape[1:])
-  labels = labels.reshape(n, cfg.batch_size, *labels.shape[1:])
-  dp = _dp_sgd(cfg)
-  if cfg.update == "fedsgd" and dp is not None:
-
-    def dp_sgd(apply_fn, params, c, l, k):
-      return fl.dp_client_update(apply_fn, params, c, l, key=k, **dp)
-
-    dp_keys = jax.vmap(lambda i: jax.random.fold_in(keys(cfg.seed)["dp_sgd"], i))(jnp.arange(n))
-    updates = jax.jit(jax.vmap(dp_sgd, in_axes=(None, None, 0, 0, 0)), static_argnums=0)(
-        apply_fn, params, clips, labels, dp_keys)
-  elif cfg.update == "fedsgd":
-    updates = jax.jit(jax.vmap(fl.client_update, in_axes=(None, None, 0, 0)), static_argnums=0)(
-        apply_fn, params, clips, labels)
-  else:
-    local = cfg.local
-
-    def fedavg(apply_fn, params, c, l, o):
-      return fl.fedavg_update(apply_fn, params, c, l, local=local, order=o)
-
-    updates = jax.jit(jax.vmap(fedavg, in_axes=(None, None, 0, 0, 0)), static_argnums=0)(
-        apply_fn, params, clips, labels, client_orders(cfg))
-  per_client = [jax.tree.map(lambda u, i=i: u[i], updates) for i in range(n)]
-  transforms = _transforms(cfg)
-  if transforms:
-    try:
-      per_client = [fl.defend(defense_key(cfg, i), u, [d for _, d in transforms])
-                    for i, u in enumerate(per_client)]
-    except ValueError as e:  # a setting that this update contradicts (top_k's k > its size)
-      raise InvalidSetting("defenses", f"defenses: {', '.join(s for s, _ in transforms)}: "
-                           f"{e}") from None
-  return fl.aggregate(per_client)
-
-
-# FedAvg rounds of at least this many local steps are replayed with each step's activations
-# recomputed in the backward pass (`jax.checkpoint`): the replay's memory then stays that of one
-# step instead of growing with the steps, for about one more forward pass per step.
-REMAT_LOCAL_STEPS = 8
-
-
-def match_support(cfg: RunConfig, shared: Grads) -> Grads | None:
-  """Where the attack matches the shared update: its support (`fl.support`, a bool pytree like
-  it) when a client defence sparsifies (top_k, prune, random_mask: a zero there was not sent),
-  else None (everywhere). With N clients it is the union of their supports."""
-  names = {name for name, _ in parse_defenses(cfg.defenses, update=cfg.update)}
-  return fl.support(shared) if names & fl.defenses.SPARSIFYING else None
-
-
-def _dp_sgd_mean(clip_norm: float) -> fl.UpdateFn:
-  """DP-SGD's update without its noise: the mean of the B per-example gradients, each clipped
-  to L2 norm <= clip_norm."""
-
-  def update(apply_fn, params, clips, labels):
-    grads = fl.privacy.per_example_grads(apply_fn, params, clips, labels)  # [B, ...] leaves
-    norms = jax.vmap(fl.defenses.global_norm)(grads)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))  # [B]
-    # sum_i scale_i g_i as a contraction: the same sum (to rounding) as `clip_per_example`'s
-    # broadcast product, which XLA:CPU (jaxlib 0.10.2) crashes on (SIGSEGV) when the attack
-    # vmaps the gradient of this replay over candidates.
-    return jax.tree.map(lambda g: jnp.tensordot(scale.astype(g.dtype), g, axes=1) / g.shape[0],
-                        grads)
-
-  return update
-
-
-def _defended(update_fn: fl.UpdateFn, chain, support: Grads | None) -> fl.UpdateFn:
-  """`update_fn` followed by the noise-free, differentiable part of the client's update
-  transforms `chain` ((name, settings) in order), when one of them clips (clip_and_noise):
-  sparsifiers keep `support` (if given), clip_and_noise scales to global L2 norm <= C (its
-  noise, mean zero, is left out), quantisers are the identity (the shared floats are matched
-  as they are). Without a clip, `update_fn` itself: the match's mask does the sparsifiers'
-  part."""
-  if not any(name == "clip_and_noise" for name, _ in chain):
-    return update_fn
-
-  def update(apply_fn, params, clips, labels):
-    u = update_fn(apply_fn, params, clips, labels)
-    for name, settings in chain:
-      if name in fl.defenses.SPARSIFYING and support is not None:
-        u = jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), u, support)
-      elif name == "clip_and_noise":
-        c = settings["clip_norm"]
-        scale = jnp.minimum(1.0, c / jnp.maximum(fl.defenses.global_norm(u), 1e-30))
-        u = jax.tree.map(lambda x, scale=scale: (x * scale).astype(x.dtype), u)
-    return u
-
-  return update
-
-
-def attacker_update_fn(cfg: RunConfig, *, support: Grads | None = None) -> fl.UpdateFn:
-  """The attacker's model of what the round's clients computed from N·B candidate clips (their
-  public local settings; the mini-batch orders too when `attack.replay` is "order"), through
-  their defences, which are public; the strongest attack this project makes of each:
-    top_k, prune, random_mask  the match sees only the shared update's support (the stage passes
-                               `match_support` as `reconstruct`'s mask); before a clip they are
-                               replayed as that mask (`support`)
-    fp16, int8, qsgd, sign     the shared update holds the dequantised floats: matched as they
-                               are (identity here; the rounding acts as noise)
-    clip_and_noise             each client's replayed update is clipped to the same norm C (its
-                               noise, mean zero, is left out); cosine alone is scale-invariant,
-                               but not across N > 1 clients or after other defences
-    dp_sgd                     the mean of the per-example gradients, each clipped to C (DP-SGD's
-                               noise-free part)
-  Without defences: exactly the update_fn of an undefended run."""
-  dp = _dp_sgd(cfg)
-  if cfg.update == "fedsgd":
-    fns = [fl.client_update if dp is None else _dp_sgd_mean(dp["clip_norm"])] * cfg.clients
-  else:
-    remat = cfg.local.steps(cfg.batch_size) >= REMAT_LOCAL_STEPS
-    if cfg.attack.replay != "order":
-      fns = [fl.replay(cfg.local, approximation=cfg.attack.replay, remat=remat)] * cfg.clients
-    else:
-      fns = [fl.replay(cfg.local, order=order, remat=remat) for order in client_orders(cfg)]
-  chain = [(n, s) for n, s in parse_defenses(cfg.defenses, update=cfg.update) if n != DP_SGD]
-  return fl.aggregated([_defended(fn, chain, support) for fn in fns])
-
-
-def attack_config(cfg: RunConfig) -> AttackConfig:
-  """`cfg.attack` with its penalty weights (priors, residual terms) weighed against the update's
-  scale. A FedAvg delta is about lr × steps = s times a gradient, so the l2 (l1) match is s²
-  (s) times what it is against a FedSGD gradient; the weights are scaled alike, keeping the
-  balance that the same attack has against a gradient (cosine is scale-free)."""
-  if cfg.update != "fedavg" or cfg.attack.metric == "cosine":
-    return cfg.attack
-  scale = cfg.local.lr * cfg.local.steps(cfg.batch_size)
-  factor = scale ** 2 if cfg.attack.metric == "l2" else scale
-  return dataclasses.replace(
-      cfg.attack, priors={k: w * factor for k, w in cfg.attack.priors.items()},
-      **{k: getattr(cfg.attack, k) * factor for k in ("residual_l1", "residual_l2",
-                                                      "residual_tv")})
-
-
-def label_trajectory(cfg: RunConfig) -> tuple[int, float] | None:
-  """(local steps, local lr) of a FedAvg round, for label recovery from its delta; else None."""
-  if cfg.update != "fedavg":
-    return None
-  return cfg.local.steps(cfg.batch_size), cfg.local.lr
-
-
-def shared_update(cfg: RunConfig, apply_fn, params, captured: Grads | None):
-  """(the update the attacker sees, like params; the true labels when the attacker is given
-  them, else None): the client's update on data.npz (saved as shared_update.npz), or `captured`."""
-  if captured is not None:
-    return unflatten_like(params, flatten_tree(captured), name="shared_update.npz"), None
-  clips, labels = client_batch(cfg)
-  shared = flatten_tree(client_side(cfg, apply_fn, params, clips, labels))
-  save(cfg, "shared_update.npz", **shared)
-  known = labels if cfg.known_labels else None
-  return unflatten_like(params, shared, name="shared_update.npz"), known
 
 
 CHECKPOINTS = "checkpoints"

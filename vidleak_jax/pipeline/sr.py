@@ -21,7 +21,7 @@ from absl import logging
 
 from vidleak_jax import attack
 from vidleak_jax.data.synthetic import synthetic_clips
-from vidleak_jax.pipeline import rundir
+from vidleak_jax.pipeline import clients, rundir
 from vidleak_jax.pipeline.config import RunConfig
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.settings import InvalidSetting
@@ -52,10 +52,10 @@ def make_simulator(cfg: RunConfig, apply_fn, params, references: np.ndarray,
   """Attacks on the attacker's own synthetic clips (over the references' median background when
   it has references) with the run's victim, update and attack settings at fewer steps."""
   t, h, w, c = cfg.clip_shape
-  shape = (rundir.attacked_clips(cfg), t, h, w, c)
+  shape = (clients.attacked_clips(cfg), t, h, w, c)
   background = np.median(references, axis=0) if len(references) else None
   steps = cfg.sr.simulation_steps
-  config = dataclasses.replace(rundir.attack_config(cfg), steps=steps, restarts=1,
+  config = dataclasses.replace(clients.attack_config(cfg), steps=steps, restarts=1,
                                log_every=min(cfg.attack.log_every, steps))
 
   def simulate(key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -63,11 +63,11 @@ def make_simulator(cfg: RunConfig, apply_fn, params, references: np.ndarray,
     clips, labels = synthetic_clips(data_key, shape[0], frames=t, height=h, width=w,
                                     channels=c, num_classes=cfg.num_classes,
                                     background=background)
-    update = rundir.client_side(cfg, apply_fn, params, clips, labels)
+    update = clients.client_side(cfg, apply_fn, params, clips, labels)
     rec = attack.reconstruct(attack_key, apply_fn, params, update, clip_shape=shape,
                              labels=labels, config=config, mesh=None,
                              references=jnp.asarray(references),
-                             update_fn=rundir.attacker_update_fn(cfg))
+                             update_fn=clients.attacker_update_fn(cfg))
     return sr_input(np.asarray(rec.clips), rec.clips_lowres, scale), clips
 
   return simulate
