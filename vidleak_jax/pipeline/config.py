@@ -159,8 +159,7 @@ class TrainConfig:
   def __post_init__(self):
     validate_fields(self)
     _check_data_spec("data", self.data)
-    for field in ("rounds",):
-      check(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
+    check(self.rounds >= 0, "rounds", f"must be >= 0, got {self.rounds}")
     for field in ("clients", "client_clips", "test_clips"):
       check(getattr(self, field) >= 1, field, f"must be >= 1, got {getattr(self, field)}")
 
