@@ -44,8 +44,8 @@ def test_bad_labels_are_refused_by_every_entry_point(labels, expected):
   target = vl.fl.client_update(apply_fn, params, clips, good)
   calls = {
       "client_update": lambda: vl.fl.client_update(apply_fn, params, clips, labels),
-      "fedavg_update": lambda: vl.fl.fedavg_update(apply_fn, params, clips, labels, local=vl.fl.LocalTraining(epochs=2,
-                                                   lr=0.1)),
+      "fedavg_update": lambda: vl.fl.fedavg_update(
+          apply_fn, params, clips, labels, local=vl.fl.LocalTraining(epochs=2, lr=0.1)),
       "gradient_matching_loss": lambda: vl.attack.gradient_matching_loss(
           apply_fn, params, target, clips, labels),
       "reconstruct": lambda: _reconstruct(apply_fn, params, target, clips, labels=labels),

@@ -92,6 +92,7 @@ def test_fedavg_single_step_is_the_scaled_gradient():
   apply_fn, params = tiny_victim("c3d")
   clips, labels = tiny_batch(2)
   grads = vl.fl.client_update(apply_fn, params, clips, labels)
-  delta = vl.fl.fedavg_update(apply_fn, params, clips, labels, local=vl.fl.LocalTraining(epochs=1, lr=0.5))
+  delta = vl.fl.fedavg_update(apply_fn, params, clips, labels,
+                              local=vl.fl.LocalTraining(epochs=1, lr=0.5))
   for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(delta)):
     np.testing.assert_allclose(d, 0.5 * g, rtol=1e-4, atol=1e-7)

@@ -78,7 +78,8 @@ def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
     def dp_sgd(apply_fn, params, c, l, k):
       return fl.dp_client_update(apply_fn, params, c, l, key=k, **dp)
 
-    dp_keys = jax.vmap(lambda i: jax.random.fold_in(rundir.keys(cfg.seed)["dp_sgd"], i))(jnp.arange(n))
+    dp_root = rundir.keys(cfg.seed)["dp_sgd"]
+    dp_keys = jax.vmap(lambda i: jax.random.fold_in(dp_root, i))(jnp.arange(n))
     updates = jax.jit(jax.vmap(dp_sgd, in_axes=(None, None, 0, 0, 0)), static_argnums=0)(
         apply_fn, params, clips, labels, dp_keys)
   elif cfg.update == "fedsgd":

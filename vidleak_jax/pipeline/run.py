@@ -149,8 +149,8 @@ def _evaluates(cfg: RunConfig) -> bool:
 
 def _stage(cfg: RunConfig, name: str) -> Callable[..., Any]:
   attack = features.stage_attack if cfg.pipeline == "features" else frames.stage_attack
-  return {"pretrain": stage_pretrain, "train": stage_train, "data": frames.stage_data, "attack": attack,
-          "sr": stage_sr, "eval": stage_eval}[name]
+  return {"pretrain": stage_pretrain, "train": stage_train, "data": frames.stage_data,
+          "attack": attack, "sr": stage_sr, "eval": stage_eval}[name]
 
 
 def _run_stages(cfg: RunConfig, captured) -> dict[str, Any] | None:
