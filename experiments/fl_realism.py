@@ -66,7 +66,7 @@ CELLS = {
                                  {"batch_size": 4, **_fedavg(2, 2), "replay": "full_batch"}),
     "steps4_fedsgd_attack": Cell("FedAvg local steps (B = 4)", "4, FedSGD attack",
                                  {"batch_size": 4, **_fedavg(2, 2), "replay": "fedsgd"}),
-    # ReLU victims (the sigmoid ones do not train: see the results file), untrained and after
+    # ReLU victims (the sigmoid ones do not train: README, realistic FL), untrained and after
     # FLAGS.rounds FedAvg rounds; the attacked round is FedSGD on B = 1 and FedAvg on B = 4.
     "relu_B1": Cell("ReLU victim, trained rounds (B = 1, FedSGD)", "0",
                     {"batch_size": 1, "relu": True}),
