@@ -213,13 +213,12 @@ def recover_labels(key: jax.Array, apply_fn: ApplyFn, params: Params, target_gra
   else:
     probes = jax.random.uniform(key, (num_probe_clips, *clip_shape[1:]))
   mean_probs = np.asarray(jax.nn.softmax(apply_fn(params, probes)).mean(axis=0))
-  if trajectory is None:
-    counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
-  else:
+  if trajectory is not None:
+    bias_grad = bias_grad / (trajectory[1] * trajectory[0])  # lr × steps
+  counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
+  if trajectory is not None:
     steps, lr = trajectory
-    bias_grad = bias_grad / (lr * steps)
     simulate = jax.jit(functools.partial(_simulated_mean_probs, apply_fn, steps=steps, lr=lr))
-    counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)
     for _ in range(simulations):
       mean_probs = np.asarray(simulate(params, probes, jnp.asarray(counts / batch_size)))
       counts = counts_from_bias_grad(bias_grad, batch_size, mean_probs)

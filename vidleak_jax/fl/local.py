@@ -121,16 +121,12 @@ def replay(local: LocalTraining, *, order: jax.Array | np.ndarray | None = None,
   lr × steps (what a FedSGD attack implicitly assumes).
   """
   if approximation == "order":
-    return functools.partial(_replay_order, local=local, order=order, remat=remat)
+    return functools.partial(fedavg_update, local=local, order=order, remat=remat)
   if approximation == "full_batch":
     return functools.partial(_replay_full_batch, local=local, remat=remat)
   if approximation == "fedsgd":
     return functools.partial(_fedsgd_scaled, local=local)
   raise ValueError(f"approximation={approximation!r}; valid: {', '.join(APPROXIMATIONS)}")
-
-
-def _replay_order(apply_fn, params, clips, labels, *, local, order, remat):
-  return fedavg_update(apply_fn, params, clips, labels, local=local, order=order, remat=remat)
 
 
 def _replay_full_batch(apply_fn, params, clips, labels, *, local, remat):
