@@ -18,10 +18,10 @@ import json
 import os
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import cli
 from vidleak_jax import attack, fl, pipeline, report
 from vidleak_jax import io as vio
 from vidleak_jax.report import plots
@@ -198,8 +198,7 @@ def main(argv):
   if FLAGS.table_only:
     write_table(collect())
     return
-  jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(FLAGS.out, "xla")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  cli.enable_compilation_cache(os.path.join(FLAGS.out, "xla"), flag="out", min_compile_time_s=1.0)
   for seed in range(FLAGS.seeds):  # seeds outermost: a partial run already covers every cell
     for victim in FLAGS.victims:
       for data in FLAGS.sources:

@@ -24,11 +24,19 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host).", l
 flags.DEFINE_string("sweep", None, "Sweep file (JSON grid of flag values) to run point by point.")
 flags.DEFINE_string("sweep_shard", None, "i/n: run share i of n of the sweep's sorted points "
                     "(default: --process_id/--num_processes, else all).")
+flags.DEFINE_string("compilation_cache_dir", cli.default_compilation_cache_dir(),
+                    "Where compiled programs are kept for later runs (JAX's persistent "
+                    "compilation cache; default: $JAX_COMPILATION_CACHE_DIR, else "
+                    "$XDG_CACHE_HOME/vidleak_jax/xla or ~/.cache/vidleak_jax/xla); empty: off.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
+  try:  # before anything compiles
+    cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if FLAGS.sweep:  # each point runs single-process here; hosts split points (--sweep_shard)
     try:
       return sweep.main(FLAGS, config_flags.config_from_flags,

@@ -19,10 +19,10 @@ import dataclasses
 import os
 import shutil
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
+from experiments import cli
 from vidleak_jax import attack, pipeline, report, sr
 
 FLAGS = flags.FLAGS
@@ -146,8 +146,7 @@ def main(argv):
     raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
   validate_flags()
   # Resumed runs reuse compiled attack steps.
-  jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(FLAGS.out, "xla")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  cli.enable_compilation_cache(os.path.join(FLAGS.out, "xla"), flag="out", min_compile_time_s=1.0)
   results: dict = {}
   for seed in range(FLAGS.seeds):  # seeds outermost: a partial run already covers every cell
     for data in FLAGS.sources:
