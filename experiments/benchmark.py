@@ -2,7 +2,9 @@
 
 The attack is the `AttackConfig` default (1 − cosine gradient matching + spatio-temporal TV priors,
 signed Adam) against a FedSGD update of one synthetic clip with known labels. Prints one JSON list
-of rows to stdout and a markdown table (plus progress lines) to stderr. With --vs=torch every row
+of rows to stdout and a markdown table (plus progress lines) to stderr. Every step is compiled
+twice in a persistent compilation cache of its own, emptied before each configuration: cold
+(`compile_s`) and warm (`compile_warm_s`, what a later run of the CLI gets from its cache). With --vs=torch every row
 also times the PyTorch peer (experiments/torch_peer.py) on the identical setup: same params, clip,
 target gradient and initial candidates (needs `pip install -e ".[bench]"`).
 
@@ -18,12 +20,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
+import tempfile
 from typing import Sequence
 
 import jax
 from absl import app, flags
 
+from experiments import cli
 from experiments.benchmark_core import (LIBRARY_MODELS, add_cost_vs_single, bench_one,
                                         combine_rounds, markdown_table, matmul_gflops)
 import vidleak_jax as vl
@@ -95,6 +100,14 @@ def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def _empty(directory: str) -> None:
+  """Removes the files under `directory` (compiled programs; on GPUs also XLA's autotuning
+  results), keeping its folders: the next compile is cold."""
+  for folder, _, files in os.walk(directory):
+    for name in files:
+      os.remove(os.path.join(folder, name))
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -108,8 +121,19 @@ def main(argv: Sequence[str]) -> None:
     except ImportError:
       sys.exit(f"error: {_TORCH_MISSING}")
     _log(f"torch {torch.__version__}: {torch.get_num_threads()} threads")
-  _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clip={clip}; "
-       f"a 2048x2048 float32 matmul runs at {matmul_gflops():.0f} GFLOP/s")
+  with tempfile.TemporaryDirectory(prefix="vidleak_jax_bench_xla_") as cache_dir:
+    cli.enable_compilation_cache(cache_dir, min_compile_time_s=0.0)  # before anything compiles
+    rows = _bench(clip, restarts, batchings, convs, cache_dir)
+  print(json.dumps(rows, indent=2))
+  _log(markdown_table(rows))
+
+
+def _bench(clip: tuple[int, ...], restarts: list[int], batchings: list[str], convs: list[str],
+           cache_dir: str) -> list[dict]:
+  """The rows of every configuration (combined over rounds)."""
+  _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clip={clip} "
+       f"matmul_precision={_PRECISION.value}; a 2048x2048 float32 matmul runs at "
+       f"{matmul_gflops():.0f} GFLOP/s")
   configurations = list(itertools.product(_VICTIMS.value, restarts, batchings, convs))
   rounds = []
   for i in range(_ROUNDS.value):
@@ -117,11 +141,12 @@ def main(argv: Sequence[str]) -> None:
     round_note = f" round {i + 1}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
     for victim, r, batching, conv in configurations:
       _log(f"[{victim} R={r} batching={batching} conv={conv}{round_note}] compiling + timing ...")
+      _empty(cache_dir)
       row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
                       _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
-                      _GEMM_CEILING.value, _MAP_BATCH_SIZE.value)
-      _log(f"  compile {row['compile_s']:.2f}s, step {1e3 * row['step_s']:.2f}ms, "
-           f"{row['candidate_steps_per_s']:.2f} candidate steps/s")
+                      _GEMM_CEILING.value, _MAP_BATCH_SIZE.value, warm_compile=True)
+      _log(f"  compile {row['compile_s']:.2f}s cold, {row['compile_warm_s']:.2f}s warm; step "
+           f"{1e3 * row['step_s']:.2f}ms, {row['candidate_steps_per_s']:.2f} candidate steps/s")
       if "gemm_s_per_step" in row:
         _log(f"  matmuls alone {1e3 * row['gemm_s_per_step']:.2f}ms per step: ceiling "
              f"{row['gemm_ceiling_candidate_steps_per_s']:.2f} candidate steps/s")
@@ -131,9 +156,7 @@ def main(argv: Sequence[str]) -> None:
              f"JAX speedup {row['speedup']:.2f}x")
       rows.append(row)
     rounds.append(add_cost_vs_single(rows))
-  rows = combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
-  print(json.dumps(rows, indent=2))
-  _log(markdown_table(rows))
+  return combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
 
 
 if __name__ == "__main__":

@@ -48,6 +48,31 @@ def _jax_peak_memory(compiled: Any, mark: tuple[int, bool]) -> tuple[int, str]:
   return host_peak_since(mark)
 
 
+CACHE_HIT = "/jax/compilation_cache/cache_hits"  # JAX's monitoring event of a persistent-cache hit
+
+
+def timed_compile(fn: Any, *args: Any, precision: str) -> tuple[Any, float, int]:
+  """(executable, seconds, persistent-cache hits) of tracing, lowering and compiling `fn(*args)`
+  from empty in-memory caches: with a persistent cache (`experiments.cli.enable_compilation_cache`)
+  a first call measures a cold compile, a second one the warm compile that a later run gets."""
+  hits = []
+
+  def listener(event: str, **_: Any) -> None:
+    if event == CACHE_HIT:
+      hits.append(event)
+
+  jax.clear_caches()
+  jax.monitoring.register_event_listener(listener)
+  try:
+    start = time.perf_counter()
+    with jax.default_matmul_precision(precision):
+      compiled = jax.jit(fn).lower(*args).compile()
+    seconds = time.perf_counter() - start
+  finally:
+    jax.monitoring.unregister_event_listener(listener)
+  return compiled, seconds, len(hits)
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
   """float32 GFLOP/s of one large n×n matmul on the default device: the roofline to compare with."""
   a = jnp.ones((n, n), jnp.float32)
@@ -126,14 +151,17 @@ def library_model(name: str, victim: Any, params: Any,
 def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, int, int],
               steps: int, steps_per_dispatch: int, seed: int, vs: str = "none",
               torch_mode: str = "auto", conv: str = "auto", precision: str = "highest",
-              gemm_ceiling: bool = False, map_batch_size: int | None = None
-              ) -> dict[str, Any]:
+              gemm_ceiling: bool = False, map_batch_size: int | None = None,
+              warm_compile: bool = False) -> dict[str, Any]:
   """Compiles and times `attack.run` for one victim × R × batching; returns one result row.
 
   `victim`: a project victim or one of `LIBRARY_MODELS` (built from the c3d victim's weights).
   With `vs="torch"` the PyTorch peer is timed on the same params, target and initial candidates
   (for a library model: the c3d peer, which computes the same function).
   With `gemm_ceiling` the row also holds the step's matmul floor (`experiments.gemm_ceiling`).
+  With `warm_compile` (needs an empty persistent compilation cache) the step is compiled twice:
+  `compile_s` is the cold compile, `compile_warm_s` the second one, served by the cache (NaN, with
+  a warning, when the cache did not serve it).
   """
   t, h, w, c = clip
   k_model, k_data, k_init = jax.random.split(jax.random.key(seed), 3)
@@ -155,10 +183,15 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   init_candidates = state.candidates
   n = jnp.asarray(steps_per_dispatch, jnp.int32)
 
-  start = time.perf_counter()
-  with jax.default_matmul_precision(precision):
-    compiled = jax.jit(attack.run).lower(state, n).compile()
-  compile_s = time.perf_counter() - start
+  compiled, compile_s, hits = timed_compile(attack.run, state, n, precision=precision)
+  if warm_compile:
+    if hits:
+      _log(f"  warning: the cold compile of {victim} R={restarts} hit the persistent cache")
+    compiled, compile_warm_s, hits = timed_compile(attack.run, state, n, precision=precision)
+    if not hits:
+      _log(f"  warning: the persistent cache did not serve the warm compile of {victim} "
+           f"R={restarts}")
+      compile_warm_s = float("nan")
 
   mark = host_mark()  # host peak memory of the runs (warm-up included), not of the compile
 
@@ -179,7 +212,8 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
       "batching": resolve_batching(batching), "conv": resolve_conv(conv),
       "map_batch_size": resolve_map_batch_size(config.map_batch_size, tuple(clips.shape)),
       "backend": jax.default_backend(), "device": str(jax.devices()[0]),
-      "compile_s": compile_s, "step_s": step_s, "steps_per_s": 1.0 / step_s,
+      "compile_s": compile_s, **({"compile_warm_s": compile_warm_s} if warm_compile else {}),
+      "step_s": step_s, "steps_per_s": 1.0 / step_s,
       "candidate_steps_per_s": restarts / step_s,
       "jax_peak_mem_bytes": peak, "jax_peak_mem_source": source,
       "candidate_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops * restarts / step_s / 1e9,
@@ -250,7 +284,9 @@ def combine_rounds(rounds: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str,
       if f"{prefix}step_s" not in row:
         continue
       step_s = statistics.median(t[f"{prefix}step_s"] for t in timings)
-      row[f"{prefix}compile_s"] = statistics.median(t[f"{prefix}compile_s"] for t in timings)
+      for compile_key in (f"{prefix}compile_s", f"{prefix}compile_warm_s"):
+        if compile_key in row:
+          row[compile_key] = statistics.median(t[compile_key] for t in timings)
       row.update({f"{prefix}step_s": step_s, f"{prefix}steps_per_s": 1.0 / step_s,
                   f"{prefix}candidate_steps_per_s": restarts / step_s})
       rates = [t[f"{prefix}candidate_steps_per_s"] for t in timings]
@@ -287,16 +323,17 @@ def _ratio(row: dict[str, Any], key: str, suffix: str = "") -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Rows as a markdown table (with the matmul-floor, cost-vs-R=1 and torch-peer columns when rows
-  have them)."""
+  """Rows as a markdown table (with the warm-compile, matmul-floor, cost-vs-R=1 and torch-peer
+  columns when rows have them)."""
   vs = any("torch_step_s" in r for r in rows)
   gemm = any("gemm_s_per_step" in r for r in rows)
   relative = []  # (column, row key) of the ratios to one candidate alone
   if any("candidate_cost_vs_r1" in r for r in rows):
     relative = [("cost per cand. ÷ R=1", "candidate_cost_vs_r1")]
     relative += [("matmul floor ÷ R=1", "gemm_floor_vs_r1")] if gemm else []
-  cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s", "step ms", "steps/s",
-          "cand. steps/s", "GFLOP/s"]
+  warm = any("compile_warm_s" in r for r in rows)
+  cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s",
+          *(["warm compile s"] if warm else []), "step ms", "steps/s", "cand. steps/s", "GFLOP/s"]
   if gemm:
     cols += ["matmul-only ms", "matmul ceiling cand. steps/s"]
   cols += [column for column, _ in relative]
@@ -308,8 +345,10 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
   for r in rows:
     batching = r["batching"] + (f"/{r['map_batch_size']}" if r["batching"] == "map" else "")
     cells = [r["victim"], "x".join(map(str, r["clip"])), r["restarts"], batching, r["conv"],
-             r["backend"], f"{r['compile_s']:.2f}", f"{1e3 * r['step_s']:.2f}",
-             f"{r['steps_per_s']:.2f}", _rate(r, ""), f"{r['achieved_gflop_per_s']:.1f}"]
+             r["backend"], f"{r['compile_s']:.2f}"]
+    cells += [_ratio(r, "compile_warm_s")] if warm else []
+    cells += [f"{1e3 * r['step_s']:.2f}", f"{r['steps_per_s']:.2f}", _rate(r, ""),
+              f"{r['achieved_gflop_per_s']:.1f}"]
     if gemm and "gemm_s_per_step" in r:
       cells += [f"{1e3 * r['gemm_s_per_step']:.2f}", f"{r['gemm_ceiling_candidate_steps_per_s']:.1f}"]
     elif gemm:
