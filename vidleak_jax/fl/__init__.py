@@ -2,7 +2,7 @@
 epochs over mini-batches), the server's aggregation and rounds, the attacker's replay, client-side
 defences (update transforms, `defenses`) and DP-SGD with its accountant (`privacy`)."""
 
-from vidleak_jax.fl import defenses, privacy
+from vidleak_jax.fl import defenses, privacy, soteria
 from vidleak_jax.fl.defenses import DEFENSES, Defense, compose, defend, support
 from vidleak_jax.fl.local import (APPROXIMATIONS, LocalTraining, UpdateFn, fedavg_update,
                                   local_train, minibatch_order, replay)
@@ -16,4 +16,4 @@ __all__ = ["APPROXIMATIONS", "LocalTraining", "UpdateFn", "accuracy", "aggregate
            "client_update", "cross_entropy", "fedavg_round", "fedavg_update", "local_train",
            "minibatch_order", "replay", "train_global"]
 __all__ += ["DEFENSES", "Defense", "compose", "defend", "defenses", "dp_client_update", "epsilon",
-            "privacy", "support"]
+            "privacy", "soteria", "support"]

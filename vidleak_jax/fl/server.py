@@ -12,7 +12,11 @@ import numpy as np
 
 from vidleak_jax import training
 from vidleak_jax.fl.local import LocalTraining, UpdateFn, fedavg_update, minibatch_order
-from vidleak_jax.types import ApplyFn, Grads, Params
+from vidleak_jax.types import ApplyFn, Clip, Grads, Labels, Params
+
+# What one training client shares in a round: (params, clips [n,...], labels [n], mini-batch
+# order [steps, b], key) -> update like params (its FedAvg delta, after its defences).
+ClientFn = Callable[[Params, Clip, Labels, jax.Array, jax.Array], Grads]
 
 
 def aggregate(updates: Sequence[Grads], weights: Sequence[float] | None = None) -> Grads:
@@ -53,16 +57,25 @@ def client_keys(key: jax.Array, round_index: jax.Array | int, num_clients: int) 
   return jax.random.split(jax.random.fold_in(key, round_index), num_clients)
 
 
+def fedavg_client(apply_fn: ApplyFn, local: LocalTraining) -> ClientFn:
+  """The undefended client: its FedAvg delta in the given order (the key is unused)."""
+  return lambda params, clips, labels, order, key: fedavg_update(
+      apply_fn, params, clips, labels, local=local, order=order)
+
+
 def fedavg_round(apply_fn: ApplyFn, params: Params, clips: jax.Array, labels: jax.Array,
-                 orders: jax.Array, *, local: LocalTraining) -> tuple[Params, Grads]:
+                 orders: jax.Array, *, local: LocalTraining, client_fn: ClientFn | None = None,
+                 keys: jax.Array | None = None) -> tuple[Params, Grads]:
   """One round over N clients holding n clips each: (new global params, the aggregate update).
 
   clips [N,n,T,H,W,C], labels [N,n], orders [N,steps,b] (each client's mini-batch order); the
   clients train in parallel (vmap) and the server subtracts their example-weighted mean delta
-  (equal n: the plain mean).
+  (equal n: the plain mean). `client_fn` (default `fedavg_client`) computes a client's shared
+  update, drawing from its key in `keys` [N] (a defence's randomness; default: unused zeros).
   """
-  deltas = jax.vmap(lambda c, l, o: fedavg_update(apply_fn, params, c, l, local=local, order=o)
-                    )(clips, labels, orders)
+  client_fn = client_fn or fedavg_client(apply_fn, local)
+  keys = jax.random.split(jax.random.key(0), labels.shape[0]) if keys is None else keys
+  deltas = jax.vmap(lambda c, l, o, k: client_fn(params, c, l, o, k))(clips, labels, orders, keys)
   mean_delta = jax.tree.map(lambda d: d.mean(axis=0), deltas)
   return jax.tree.map(jnp.subtract, params, mean_delta), mean_delta
 
@@ -76,11 +89,13 @@ def train_global(key: jax.Array, apply_fn: ApplyFn, params: Params, clips: np.nd
                  labels: np.ndarray, test_clips: np.ndarray, test_labels: np.ndarray, *,
                  rounds: int, local: LocalTraining, directory: str | None = None,
                  identity: dict[str, Any] | None = None,
-                 progress: Callable[[int, int, float], None] | None = None
-                 ) -> tuple[Params, np.ndarray]:
+                 progress: Callable[[int, int, float], None] | None = None,
+                 client_fn: ClientFn | None = None) -> tuple[Params, np.ndarray]:
   """`rounds` FedAvg rounds in which all N clients (clips [N,n,...], labels [N,n]) train
   locally from the global params; returns (global params, test accuracy after each round
-  [rounds]). Client i's mini-batches in round r are shuffled by client_keys(key, r, N)[i].
+  [rounds]). Client i's mini-batches in round r are shuffled by client_keys(key, r, N)[i];
+  `client_fn` (default: the undefended `fedavg_client`) computes what a client shares, e.g. its
+  delta after defences, drawing from client_keys(split(key)[1], r, N)[i].
 
   With `directory`, an orbax checkpoint after every round: a rerun resumes (same `identity`)
   and ends exactly as an uninterrupted run.
@@ -94,10 +109,13 @@ def train_global(key: jax.Array, apply_fn: ApplyFn, params: Params, clips: np.nd
   local.minibatch(n)  # ValueError if b does not fit the clients' data, before any work
   clips, labels = jnp.asarray(clips, jnp.float32), jnp.asarray(labels, jnp.int32)
   test_clips, test_labels = jnp.asarray(test_clips, jnp.float32), jnp.asarray(test_labels)
+  defense_root = jax.random.split(key)[1]
 
   def one_round(state, r):
     orders = jax.vmap(lambda k: minibatch_order(k, n, local))(client_keys(key, r, num_clients))
-    new, _ = fedavg_round(apply_fn, state["params"], clips, labels, orders, local=local)
+    keys = client_keys(defense_root, r, num_clients)
+    new, _ = fedavg_round(apply_fn, state["params"], clips, labels, orders, local=local,
+                          client_fn=client_fn, keys=keys)
     return {"params": new}, accuracy(apply_fn, new, test_clips, test_labels)
 
   state, accuracies = training.run_steps(

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 
 from vidleak_jax import fl
 from vidleak_jax.attack import AttackConfig
+from vidleak_jax.attack import labels as labels_lib
 from vidleak_jax.pipeline import rundir
-from vidleak_jax.pipeline.config import DP_SGD, RunConfig, parse_defenses
+from vidleak_jax.pipeline.config import CLIENT_OPTIONS, DP_SGD, SOTERIA, RunConfig, parse_defenses
 from vidleak_jax.settings import InvalidSetting
-from vidleak_jax.tree_io import flatten_tree, unflatten_like
+from vidleak_jax.tree_io import flatten_tree, leaf_paths, unflatten_like
 from vidleak_jax.types import Grads
 
 
@@ -54,21 +55,51 @@ def defense_key(cfg: RunConfig, client: int) -> jax.Array:
 
 def _dp_sgd(cfg: RunConfig) -> dict[str, Any] | None:
   """dp_sgd's settings (clip_norm, noise_multiplier) when cfg.defenses starts with it, else None."""
-  chain = parse_defenses(cfg.defenses, update=cfg.update)
-  return chain[0][1] if chain and chain[0][0] == DP_SGD else None
+  return _option(cfg, DP_SGD)
 
 
-def _transforms(cfg: RunConfig) -> list[tuple[str, fl.Defense]]:
-  """(spec, defence) of cfg.defenses' update transforms (all but dp_sgd), in order."""
+def _option(cfg: RunConfig, name: str) -> dict[str, Any] | None:
+  """The settings of client option `name` (dp_sgd, soteria) in cfg.defenses, else None."""
+  return dict(parse_defenses(cfg.defenses, update=cfg.update)).get(name)
+
+
+def update_transforms(cfg: RunConfig) -> list[tuple[str, fl.Defense]]:
+  """(spec, defence) of cfg.defenses' update transforms (all but the client options), in
+  order."""
   return [(spec, fl.defenses.from_spec(spec)) for spec in cfg.defenses
-          if fl.defenses.parse_spec(spec)[0] != DP_SGD]
+          if fl.defenses.parse_spec(spec)[0] not in CLIENT_OPTIONS]
+
+
+def classifier_kernel(cfg: RunConfig, apply_fn, params) -> str:
+  """Path of the classifier's kernel [F, K]: the 2-D leaf next to the output bias (found
+  structurally, `attack.labels.output_bias_path`) whose last axis is K."""
+  bias = labels_lib.output_bias_path(apply_fn, params, (1, *cfg.clip_shape))
+  parent = bias.rpartition("/")[0]
+  found = [p for p, leaf in zip(leaf_paths(params), jax.tree.leaves(params))
+           if p.rpartition("/")[0] == parent and jnp.ndim(leaf) == 2
+           and leaf.shape[-1] == cfg.num_classes]
+  if len(found) != 1:
+    raise InvalidSetting("defenses", f"defenses: soteria needs the classifier's kernel [F, "
+                         f"{cfg.num_classes}] next to the output bias {bias!r}; found {found}")
+  return found[0]
+
+
+def soteria_updates(cfg: RunConfig, apply_fn, params, clips, updates):
+  """Each client's update [N, ...] (leaves) after Soteria (cfg.defenses' soteria settings) on
+  its clips [N, B, ...], at the round's params."""
+  percent = _option(cfg, SOTERIA)["percent"]
+  kernel = classifier_kernel(cfg, apply_fn, params)
+  fl.soteria.check_dense(apply_fn, params, clips[0], fl.soteria.kernel_index(params, kernel),
+                         kernel)
+  one = lambda c, u: fl.soteria.soteria(apply_fn, params, c, u, kernel=kernel, percent=percent)
+  return jax.jit(jax.vmap(one))(clips, updates)
 
 
 def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
   """What the server sees of the attacked round, like params: the mean of the N clients'
   updates (FedSGD gradients or FedAvg deltas), each on its B clips, each after the client's
-  `cfg.defenses` (client i: DP-SGD's noise from fold_in(keys["dp_sgd"], i), the update
-  transforms from `defense_key(cfg, i)`)."""
+  `cfg.defenses` (client i: DP-SGD's noise from fold_in(keys["dp_sgd"], i), Soteria on its
+  clips, then the update transforms from `defense_key(cfg, i)`)."""
   n = cfg.clients
   clips = clips.reshape(n, cfg.batch_size, *clips.shape[1:])
   labels = labels.reshape(n, cfg.batch_size, *labels.shape[1:])
@@ -93,8 +124,10 @@ def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
 
     updates = jax.jit(jax.vmap(fedavg, in_axes=(None, None, 0, 0, 0)), static_argnums=0)(
         apply_fn, params, clips, labels, client_orders(cfg))
+  if _option(cfg, SOTERIA) is not None:
+    updates = soteria_updates(cfg, apply_fn, params, clips, updates)
   per_client = [jax.tree.map(lambda u, i=i: u[i], updates) for i in range(n)]
-  transforms = _transforms(cfg)
+  transforms = update_transforms(cfg)
   if transforms:
     try:
       per_client = [fl.defend(defense_key(cfg, i), u, [d for _, d in transforms])
@@ -113,10 +146,10 @@ REMAT_LOCAL_STEPS = 8
 
 def match_support(cfg: RunConfig, shared: Grads) -> Grads | None:
   """Where the attack matches the shared update: its support (`fl.support`, a bool pytree like
-  it) when a client defence sparsifies (top_k, prune, random_mask: a zero there was not sent),
-  else None (everywhere). With N clients it is the union of their supports."""
+  it) when a client defence sparsifies (top_k, prune, random_mask, soteria: a zero there was not
+  sent), else None (everywhere). With N clients it is the union of their supports."""
   names = {name for name, _ in parse_defenses(cfg.defenses, update=cfg.update)}
-  return fl.support(shared) if names & fl.defenses.SPARSIFYING else None
+  return fl.support(shared) if names & (fl.defenses.SPARSIFYING | {SOTERIA}) else None
 
 
 def _dp_sgd_mean(clip_norm: float) -> fl.UpdateFn:
@@ -149,7 +182,7 @@ def _defended(update_fn: fl.UpdateFn, chain, support: Grads | None) -> fl.Update
   def update(apply_fn, params, clips, labels):
     u = update_fn(apply_fn, params, clips, labels)
     for name, settings in chain:
-      if name in fl.defenses.SPARSIFYING and support is not None:
+      if (name in fl.defenses.SPARSIFYING or name == SOTERIA) and support is not None:
         u = jax.tree.map(lambda x, m: jnp.where(m, x, jnp.zeros((), x.dtype)), u, support)
       elif name == "clip_and_noise":
         c = settings["clip_norm"]
@@ -167,6 +200,7 @@ def attacker_update_fn(cfg: RunConfig, *, support: Grads | None = None) -> fl.Up
     top_k, prune, random_mask  the match sees only the shared update's support (the stage passes
                                `match_support` as `reconstruct`'s mask); before a clip they are
                                replayed as that mask (`support`)
+    soteria                    the same support match: its pruned kernel rows were not sent
     fp16, int8, qsgd, sign     the shared update holds the dequantised floats: matched as they
                                are (identity here; the rounding acts as noise)
     clip_and_noise             each client's replayed update is clipped to the same norm C (its

@@ -30,35 +30,46 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 PIPELINES = ("frames", "features")
 FEATURE_ATTACKS = ("analytic", "matching", "subspace", "end_to_end")
 UPDATES = ("fedsgd", "fedavg")
-# A client option in `defenses` besides the update transforms of `fl.DEFENSES`: DP-SGD's FedSGD
-# update (per-example clipping + Gaussian noise, `fl.privacy.dp_client_update`).
+# Client options in `defenses` besides the update transforms of `fl.DEFENSES`, with their
+# settings: DP-SGD's FedSGD update (per-example clipping + Gaussian noise,
+# `fl.privacy.dp_client_update`; first in the chain) and Soteria's pruning of the classifier's
+# representation (`fl.soteria`; it reads the client's clips and model, so it comes before the
+# update transforms).
 DP_SGD = "dp_sgd"
-DP_SGD_SETTINGS = ("clip_norm", "noise_multiplier")
+SOTERIA = "soteria"
+CLIENT_OPTIONS = {DP_SGD: ("clip_norm", "noise_multiplier"), SOTERIA: ("percent",)}
 Defenses = tuple[tuple[str, dict[str, Any]], ...]
 
 
 def defense_names() -> tuple[str, ...]:
-  """The names a `defenses` spec may start with: the registered defences and dp_sgd."""
-  return tuple(sorted((*fl_defenses.DEFENSES.names(), DP_SGD)))
+  """The names a `defenses` spec may start with: the registered defences and the client
+  options."""
+  return tuple(sorted((*fl_defenses.DEFENSES.names(), *CLIENT_OPTIONS)))
 
 
-def _check_dp_sgd(settings: dict[str, Any]) -> None:
-  unknown = sorted(set(settings) - set(DP_SGD_SETTINGS))
-  missing = [k for k in DP_SGD_SETTINGS if k not in settings]
+def _check_client_option(name: str, settings: dict[str, Any]) -> None:
+  expected = CLIENT_OPTIONS[name]
+  unknown = sorted(set(settings) - set(expected))
+  missing = [k for k in expected if k not in settings]
   if unknown or missing:
-    raise ValueError(f"dp_sgd takes exactly the settings {', '.join(DP_SGD_SETTINGS)}"
+    raise ValueError(f"{name} takes exactly the settings {', '.join(expected)}"
                      + (f"; unknown: {', '.join(unknown)}" if unknown else "")
                      + (f"; missing: {', '.join(missing)}" if missing else ""))
-  check(settings["clip_norm"] > 0, "clip_norm", f"must be > 0, got {settings['clip_norm']}")
-  check(settings["noise_multiplier"] >= 0, "noise_multiplier",
-        f"must be >= 0, got {settings['noise_multiplier']}")
+  if name == DP_SGD:
+    check(settings["clip_norm"] > 0, "clip_norm", f"must be > 0, got {settings['clip_norm']}")
+    check(settings["noise_multiplier"] >= 0, "noise_multiplier",
+          f"must be >= 0, got {settings['noise_multiplier']}")
+  else:
+    check(0 <= settings["percent"] < 100, "percent",
+          f"(pruned share of the features, %) must be in [0, 100), got {settings['percent']}")
 
 
 def parse_defenses(specs: Sequence[str], *, update: str = "fedsgd") -> Defenses:
   """The defences `specs` name, in order, as (name, settings) pairs: each spec is "name" or
   "name:key=value:key=value" (`fl.defenses.parse_spec`), checked by building it. InvalidChoice
   naming `defenses` (and listing the valid names) for an unknown name, InvalidSetting for a
-  malformed spec, a bad setting, or dp_sgd anywhere but first or with update="fedavg"."""
+  malformed spec, a bad setting, dp_sgd anywhere but first or with update="fedavg", or soteria
+  after an update transform."""
   if isinstance(specs, str):
     raise InvalidSetting("defenses", f"defenses must be a sequence of specs, got the string "
                          f"{specs!r} (split it at its commas)")
@@ -72,8 +83,8 @@ def parse_defenses(specs: Sequence[str], *, update: str = "fedsgd") -> Defenses:
       raise InvalidChoice("defenses", f"defenses: unknown defense {name!r} in {spec!r}; valid: "
                                       f"{', '.join(defense_names())}")
     try:
-      if name == DP_SGD:
-        _check_dp_sgd(settings)
+      if name in CLIENT_OPTIONS:
+        _check_client_option(name, settings)
       else:
         fl_defenses.build(name, **settings)
     except ValueError as e:
@@ -81,6 +92,9 @@ def parse_defenses(specs: Sequence[str], *, update: str = "fedsgd") -> Defenses:
     if name == DP_SGD and i:
       raise InvalidSetting("defenses", f"defenses: {spec!r} must come first: DP-SGD computes the "
                            "update that the other defences transform")
+    if name == SOTERIA and any(n not in CLIENT_OPTIONS for n, _ in out):
+      raise InvalidSetting("defenses", f"defenses: {spec!r} must come before the update "
+                           "transforms: it prunes the update the client computed")
     if name == DP_SGD and update != "fedsgd":
       raise InvalidSetting("defenses", f"defenses: {spec!r} needs update='fedsgd': DP-SGD in "
                            "FedAvg clips and noises every local step's per-example gradients, "

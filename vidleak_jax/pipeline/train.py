@@ -1,5 +1,12 @@
 """The `train` stage: FedAvg rounds that train the global model before the attacked round.
 
+The population's clients defend their updates as the attacked round's clients do (`defenses`:
+the utility of a defence is the test accuracy of the model trained under it): under dp_sgd each
+takes one DP-SGD step (lr `local.lr`) on all its clips per round, and train.json adds the ε that
+dp-accounting's RDP accountant gives those rounds at δ = DP_DELTA (every client's clips are used in
+every round: sampling rate 1, no amplification); soteria prunes its delta's classifier rows; the
+update transforms follow with keys of their own.
+
 A population of `train.clients` clients, each holding `train.client_clips` clips of `train.data`
 (synthetic: every client its own camera), trains with the run's `local` settings in every round;
 the test accuracy on `train.test_clips` held-out clips (the utility) is logged and written to
@@ -19,12 +26,44 @@ from absl import logging
 from vidleak_jax import fl
 from vidleak_jax import io as vio
 from vidleak_jax.data import sources
-from vidleak_jax.pipeline import rundir
-from vidleak_jax.pipeline.config import RunConfig
+from vidleak_jax.pipeline import clients, rundir
+from vidleak_jax.pipeline.config import DP_SGD, SOTERIA, RunConfig, parse_defenses
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.pipeline.weights import global_model_dir, training_identity
 
 TRAIN_FILE = "train.json"
+DP_DELTA = 1e-5  # δ at which train.json reports the training's ε under dp_sgd
+
+
+def defended_client(cfg: RunConfig, apply_fn, params) -> fl.server.ClientFn | None:
+  """What a training client shares under cfg.defenses (None: the undefended FedAvg delta)."""
+  chain = dict(parse_defenses(cfg.defenses, update=cfg.update))
+  if not chain:
+    return None
+  transforms = [d for _, d in clients.update_transforms(cfg)]
+  dp, sot = chain.get(DP_SGD), chain.get(SOTERIA)
+  kernel = clients.classifier_kernel(cfg, apply_fn, params) if sot else None
+  lr = cfg.local.lr
+
+  def client(p, c, l, order, key):
+    if dp is not None:
+      delta = jax.tree.map(lambda g: lr * g, fl.dp_client_update(
+          apply_fn, p, c, l, key=jax.random.fold_in(key, 1), **dp))
+    else:
+      delta = fl.fedavg_update(apply_fn, p, c, l, local=cfg.local, order=order)
+    if sot is not None:
+      delta = fl.soteria.soteria(apply_fn, p, c, delta, kernel=kernel, percent=sot["percent"])
+    return fl.defend(jax.random.fold_in(key, 2), delta, transforms) if transforms else delta
+
+  return client
+
+
+def training_epsilon(cfg: RunConfig) -> float | None:
+  """ε at DP_DELTA of `train.rounds` DP-SGD rounds (sampling rate 1), or None without dp_sgd."""
+  dp = dict(parse_defenses(cfg.defenses, update=cfg.update)).get(DP_SGD)
+  if dp is None:
+    return None
+  return fl.epsilon(dp["noise_multiplier"], 1.0, cfg.train.rounds, DP_DELTA)
 
 
 def _clips(cfg: RunConfig, key: jax.Array, groups: int, per_group: int
@@ -67,9 +106,11 @@ def stage_train(cfg: RunConfig) -> None:
   _, accuracies = fl.train_global(
       rounds_key, apply_fn, params, clips, labels, test_clips, test_labels, rounds=tc.rounds,
       local=cfg.local, directory=global_model_dir(cfg), identity=training_identity(cfg),
-      progress=progress)
+      progress=progress, client_fn=defended_client(cfg, apply_fn, params))
   if rundir.is_writer():
     vio.write_json(rundir.path(cfg, TRAIN_FILE), {
         "test_accuracy": accuracies.tolist(), "final_test_accuracy": float(accuracies[-1]),
         "majority_class_accuracy": chance, "rounds": tc.rounds, "clients": tc.clients,
-        "client_clips": tc.client_clips, "test_clips": tc.test_clips})
+        "client_clips": tc.client_clips, "test_clips": tc.test_clips,
+        "defenses": list(cfg.defenses), "dp_epsilon": training_epsilon(cfg),
+        "dp_delta": DP_DELTA})

@@ -29,7 +29,8 @@ def training_identity(cfg: RunConfig) -> dict[str, Any]:
            {"victim": cfg.victim, "victim_kwargs": dict(cfg.victim_kwargs)})
   train = dataclasses.asdict(cfg.train)
   train.pop("rounds")  # a longer run resumes from a shorter one's rounds
-  return json.loads(json.dumps({
+  defended = {"defenses": list(cfg.defenses)} if cfg.defenses else {}  # the clients' defences
+  return json.loads(json.dumps({**defended,
       **model, "pipeline": cfg.pipeline, "clip_shape": cfg.clip_shape,
       "num_classes": cfg.num_classes, "frame_stride": cfg.frame_stride, "seed": cfg.seed,
       "train": train}))  # train_global adds the local settings
