@@ -90,15 +90,16 @@ def train_global(key: jax.Array, apply_fn: ApplyFn, params: Params, clips: np.nd
                  rounds: int, local: LocalTraining, directory: str | None = None,
                  identity: dict[str, Any] | None = None,
                  progress: Callable[[int, int, float], None] | None = None,
-                 client_fn: ClientFn | None = None) -> tuple[Params, np.ndarray]:
+                 client_fn: ClientFn | None = None, save_every: int = 1
+                 ) -> tuple[Params, np.ndarray]:
   """`rounds` FedAvg rounds in which all N clients (clips [N,n,...], labels [N,n]) train
   locally from the global params; returns (global params, test accuracy after each round
   [rounds]). Client i's mini-batches in round r are shuffled by client_keys(key, r, N)[i];
   `client_fn` (default: the undefended `fedavg_client`) computes what a client shares, e.g. its
   delta after defences, drawing from client_keys(split(key)[1], r, N)[i].
 
-  With `directory`, an orbax checkpoint after every round: a rerun resumes (same `identity`)
-  and ends exactly as an uninterrupted run.
+  With `directory`, an orbax checkpoint every `save_every` rounds and after the last: a rerun
+  resumes (same `identity`) and ends exactly as an uninterrupted run.
   """
   if rounds < 1:
     raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -122,6 +123,6 @@ def train_global(key: jax.Array, apply_fn: ApplyFn, params: Params, clips: np.nd
       one_round, {"params": params}, steps=rounds, directory=directory,
       identity={**(identity or {}), "fedavg": {**dataclasses.asdict(local),
                                                "clients": num_clients, "clips": n}},
-      save_every=1, progress=progress, key="test_accuracy")
+      save_every=save_every, progress=progress, key="test_accuracy")
   return state["params"], accuracies
 

@@ -1,17 +1,18 @@
 """The `train` stage: FedAvg rounds that train the global model before the attacked round.
 
+A population of `train.clients` clients, each holding `train.client_clips` clips of `train.data`
+(synthetic: every client its own camera), trains with the run's `local` settings in every round;
+the test accuracy on `train.test_clips` held-out clips (the utility) is logged after every round
+and written to train.json at the end; the global model is checkpointed with orbax in
+<workdir>/global_model every tenth of the rounds and after the last (a rerun resumes;
+`weights.attacked_weights` reads it).
+
 The population's clients defend their updates as the attacked round's clients do (`defenses`:
 the utility of a defence is the test accuracy of the model trained under it): under dp_sgd each
 takes one DP-SGD step (lr `local.lr`) on all its clips per round, and train.json adds the ε that
-dp-accounting's RDP accountant gives those rounds at δ = DP_DELTA (every client's clips are used in
-every round: sampling rate 1, no amplification); soteria prunes its delta's classifier rows; the
-update transforms follow with keys of their own.
-
-A population of `train.clients` clients, each holding `train.client_clips` clips of `train.data`
-(synthetic: every client its own camera), trains with the run's `local` settings in every round;
-the test accuracy on `train.test_clips` held-out clips (the utility) is logged and written to
-train.json after every round, and the global model is checkpointed with orbax in
-<workdir>/global_model after every round (a rerun resumes; `weights.attacked_weights` reads it).
+dp-accounting's RDP accountant gives those rounds at δ = DP_DELTA (every client's clips are used
+in every round: sampling rate 1, no amplification); soteria prunes its delta's classifier rows;
+the update transforms follow, with keys of their own.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def stage_train(cfg: RunConfig) -> None:
   _, accuracies = fl.train_global(
       rounds_key, apply_fn, params, clips, labels, test_clips, test_labels, rounds=tc.rounds,
       local=cfg.local, directory=global_model_dir(cfg), identity=training_identity(cfg),
-      progress=progress, client_fn=defended_client(cfg, apply_fn, params))
+      progress=progress, client_fn=defended_client(cfg, apply_fn, params),
+      save_every=max(1, tc.rounds // 10))
   if rundir.is_writer():
     vio.write_json(rundir.path(cfg, TRAIN_FILE), {
         "test_accuracy": accuracies.tolist(), "final_test_accuracy": float(accuracies[-1]),

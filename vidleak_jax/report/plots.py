@@ -127,3 +127,28 @@ def study_png(panels: dict[str, dict[str, list[tuple[str, Sequence[float]]]]],
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   return _png(fig)
+
+
+def tradeoff_png(curves: dict[str, list[tuple[str, Sequence[float], Sequence[float]]]],
+                 ylabel: str) -> bytes:
+  """Leakage against utility: per curve (a defence family over its strength) the mean ± std
+  (both axes, over seeds) of every setting, labelled, joined in the given order.
+
+  curves: family -> [(point label, utility values, leakage values), ...].
+  """
+  fig, (ax,) = _figure(1)
+  fig.set_size_inches(7.0, 4.6)
+  for name, points in curves.items():
+    found = [(label, np.mean(u), np.std(u), np.mean(v), np.std(v))
+             for label, u, v in points if len(u) and len(v)]
+    if not found:
+      continue
+    labels, ux, us, vy, vs = zip(*found)
+    line = ax.errorbar(ux, vy, xerr=us, yerr=vs, fmt="o-", capsize=3, lw=1.2, ms=4, label=name)
+    for label, x, y in zip(labels, ux, vy):
+      ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                  color=line[0].get_color())
+  ax.set(xlabel="utility: test accuracy of the model trained under the defence", ylabel=ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  return _png(fig)

@@ -1,0 +1,62 @@
+"""The defences study's cells are the runs their rows name (read in a subprocess: the study
+defines module-level flags), and it refuses an unknown cell naming it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+_DESCRIBE = """
+import json, sys
+from absl import flags
+from experiments import defenses as d
+from vidleak_jax.pipeline.config import parse_defenses
+flags.FLAGS(["defenses", "--out=" + sys.argv[1]])
+out = {}
+for name, cell in d.CELLS.items():
+  leak = d.leakage_config(name, "synthetic", 2)
+  util = d.utility_config(name, 2)
+  out[name] = dict(
+      family=cell.family, value=cell.value, leak_defenses=parse_defenses(leak.defenses),
+      util_defenses=parse_defenses(util.defenses), clients=leak.clients,
+      batch=leak.batch_size, leak_act=leak.victim_kwargs.get("activation", "sigmoid"),
+      util_act=util.victim_kwargs["activation"], stages=list(util.stages),
+      rounds=util.train.rounds, seeds=[leak.seed, util.seed],
+      dirs=[leak.workdir, util.workdir])
+print(json.dumps(out))
+"""
+
+
+def test_every_cell_attacks_and_trains_under_the_defence_it_names(tmp_path):
+  out = str(tmp_path)
+  proc = subprocess.run([sys.executable, "-c", _DESCRIBE, out], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  cells = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert {"none", "dp_sgd_1.0", "prune_0.2", "fp16", "soteria_80", "secagg_4"} <= set(cells)
+  for name, cell in cells.items():
+    assert cell["leak_defenses"] == cell["util_defenses"]  # the same defence on both sides
+    assert cell["seeds"] == [2, 2] and all(p.startswith(out) for p in cell["dirs"])
+    assert cell["dirs"][0] != cell["dirs"][1]
+    assert (cell["leak_act"], cell["util_act"]) == ("sigmoid", "relu")
+    assert cell["batch"] == 1 and cell["stages"] == ["train"] and cell["rounds"] == 100
+    assert cell["clients"] == (4 if name == "secagg_4" else 1)
+    names = [n for n, _ in cell["leak_defenses"]]
+    if name.startswith(("dp_sgd", "prune", "soteria")):
+      family, strength = name.rsplit("_", 1)
+      assert names == [family] and float(cell["value"]) == float(strength)
+      settings = cell["leak_defenses"][0][1]
+      assert float(strength) in [float(v) for v in settings.values()]
+    elif name in ("none", "secagg_4"):
+      assert names == []
+
+
+def test_an_unknown_cell_is_refused_naming_the_flag(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "experiments.defenses", f"--out={tmp_path}/o",
+                         f"--table={tmp_path}/t.md", "--cells=none,dropout"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode != 0 and "--cells: unknown ['dropout']" in proc.stderr
+  assert not (tmp_path / "o").exists() and not (tmp_path / "t.md").exists()
