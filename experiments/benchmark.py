@@ -45,7 +45,8 @@ _CLIP = flags.DEFINE_list("clip", ["8", "32", "32", "3"], "Clip shape T,H,W,C (b
 _CONV = flags.DEFINE_enum(
     "conv", "auto", [*CONVS, "both"],
     "Victim convolutions in the attack: auto (= im2col: rewritten as patches + matmuls by "
-    "vl.attack.fast_convs), xla (as written), or both.")
+    "vl.attack.fast_convs), pallas (an implicit-GEMM Pallas kernel, vl.attack.pallas_conv), "
+    "xla (as written), or both (xla and im2col).")
 _BATCHING = flags.DEFINE_enum("batching", "auto", [*BATCHING, "both"],
                               "How the R restarts are batched: vmap, map, or both.")
 _MAP_BATCH_SIZE = flags.DEFINE_integer(

@@ -16,7 +16,7 @@ from vidleak_jax.fl.local import APPROXIMATIONS
 from vidleak_jax.settings import check, check_choice, setting, validate_fields
 
 BATCHING = ("auto", "vmap", "map")
-CONVS = ("auto", "xla", "im2col")
+CONVS = ("auto", "xla", "im2col", "pallas")
 INITS = ("uniform", "gaussian", "gray", "reference")
 
 
@@ -33,7 +33,9 @@ class AttackConfig:
   conv: how the victim's convolutions are computed in the attack's objective: "auto" = "im2col"
   rewrites them, whatever library built the victim, as patches + matmuls
   (`vidleak_jax.attack.fast_convs`), which keeps per-candidate weight gradients as batched matmuls
-  instead of grouped convolutions; "xla" leaves them as written. Same function either way.
+  instead of grouped convolutions; "pallas" computes those without dilation or groups by an
+  implicit-GEMM Pallas kernel that never materialises the patches (`vidleak_jax.attack.pallas_conv`;
+  interpret mode, i.e. slow, on CPU); "xla" leaves them as written. Same function either way.
   log_every: steps per jitted dispatch (a `lax.scan`); also the progress/logging interval.
   init: "uniform" | "gaussian" | "gray" noise, or "reference": the per-pixel median of the attacker's
   reference frames of the same camera (plus a little noise per restart); needs `references`.
@@ -66,7 +68,8 @@ class AttackConfig:
                                 "lax.map step (0: auto, pairs for clips of <= 65,536 values, else "
                                 "one at a time).")
   conv: str = setting("auto", help="Victim convolutions while attacking: rewritten as patches + "
-                      "matmuls (auto, im2col) or as written (xla).", choices=CONVS)
+                      "matmuls (auto, im2col), by a Pallas implicit-GEMM kernel (pallas; slow on "
+                      "CPU) or as written (xla).", choices=CONVS)
   log_every: int = setting(25, help="Steps per dispatch / log line.")
   param: str = setting("direct", help="What the attack optimises: the clip (direct) or a "
                        "residual on the median of the --references frames (background_residual; "

@@ -35,6 +35,12 @@ explicit / SAME / VALID padding (negative too), lhs and rhs dilation, `feature_g
 (the project's victims) the patches are those of the earlier im2col layer (same slices, same tap
 order, same matrix product): the attacks on those victims give bit-identical results.
 
+"pallas" computes every convolution without dilation or groups (1-, 2-, 3-D, any strides,
+padding and dimension numbers) by `pallas_conv.conv_pallas`, an implicit-GEMM Pallas kernel with
+its own reverse-mode rules of any order, which never writes the patches to memory (compiled on
+GPU, interpret mode elsewhere: slow on CPU, for correctness only); the others as "im2col". It
+supports reverse-mode differentiation only (no `jax.jvp` through it).
+
 "auto" rewrites every convolution, like "im2col". Measured on this project's 2-core CPU: the
 value and input gradient of a gradient-matching loss (one conv layer + sigmoid + mean-pool +
 linear head unless noted), `vmap`ped over R candidates, XLA's convolutions vs the rewrite:
@@ -67,7 +73,9 @@ from jax.extend import core as jex_core
 from jax.extend import linear_util as lu
 from jax.extend import source_info_util
 
-CONV_MODES = ("auto", "im2col", "xla")
+from vidleak_jax.attack import pallas_conv
+
+CONV_MODES = ("auto", "im2col", "pallas", "xla")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,19 +193,30 @@ def _bind(eqn, invals, params=None):
   return prim.bind(*invals, **bind_params)
 
 
-def _as_fun(closed) -> Callable:
+def _as_fun(closed, conv) -> Callable:
   """The rewritten evaluation of ClosedJaxpr `closed` as a function of its inputs."""
-  return lambda *args: _eval(closed.jaxpr, closed.consts, args)
+  return lambda *args: _eval(closed.jaxpr, closed.consts, args, conv)
 
 
-def _rewrite_closed(closed):
+def _rewrite_closed(closed, conv):
   """ClosedJaxpr `closed` with its convolutions rewritten (same input and output types)."""
   avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in closed.in_avals]
-  return jax.make_jaxpr(_as_fun(closed))(*avals)
+  return jax.make_jaxpr(_as_fun(closed, conv))(*avals)
 
 
-def _conv(eqn, invals):
-  return conv_general_dilated_as_dot(*invals, **eqn.params)
+def _conv(eqn, invals, conv):
+  return conv(*invals, **eqn.params)
+
+
+def _conv_pallas_or_dot(lhs, rhs, **params) -> jax.Array:
+  """The Pallas kernel (`pallas_conv`) where it applies (no dilation, no groups), else patches."""
+  if pallas_conv.supports(lhs, rhs, **params):
+    return pallas_conv.conv_general_dilated_pallas(lhs, rhs, **params)
+  return conv_general_dilated_as_dot(lhs, rhs, **params)
+
+
+_CONV_FNS = {"auto": conv_general_dilated_as_dot, "im2col": conv_general_dilated_as_dot,
+             "pallas": _conv_pallas_or_dot}
 
 
 def _has_conv(jaxpr) -> bool:
@@ -207,47 +226,47 @@ def _has_conv(jaxpr) -> bool:
              for eqn in jaxpr.eqns)
 
 
-def _jit(eqn, invals):
-  return _bind(eqn, invals, {**eqn.params, "jaxpr": _rewrite_closed(eqn.params["jaxpr"])})
+def _jit(eqn, invals, conv):
+  return _bind(eqn, invals, {**eqn.params, "jaxpr": _rewrite_closed(eqn.params["jaxpr"], conv)})
 
 
-def _call(eqn, invals):
+def _call(eqn, invals, conv):
   jaxpr = eqn.params["call_jaxpr"]
   if isinstance(jaxpr, jex_core.ClosedJaxpr):
-    return _eval(jaxpr.jaxpr, jaxpr.consts, invals)
-  return _eval(jaxpr, (), invals)
+    return _eval(jaxpr.jaxpr, jaxpr.consts, invals, conv)
+  return _eval(jaxpr, (), invals, conv)
 
 
-def _custom_jvp(eqn, invals):
+def _custom_jvp(eqn, invals, conv):
   rule = eqn.params["jvp_jaxpr_fun"]
 
   @functools.lru_cache(maxsize=None)
   def rewritten_rule(*zeros):
     jaxpr, consts, out_zeros = rule.call_wrapped(*zeros)
-    closed = _rewrite_closed(jex_core.ClosedJaxpr(jaxpr, consts))
+    closed = _rewrite_closed(jex_core.ClosedJaxpr(jaxpr, consts), conv)
     return closed.jaxpr, closed.consts, out_zeros
 
-  params = {**eqn.params, "call_jaxpr": _rewrite_closed(eqn.params["call_jaxpr"]),
+  params = {**eqn.params, "call_jaxpr": _rewrite_closed(eqn.params["call_jaxpr"], conv),
             "jvp_jaxpr_fun": lu.wrap_init(rewritten_rule, debug_info=rule.debug_info)}
   return _bind(eqn, invals, params)
 
 
-def _custom_vjp(eqn, invals):
+def _custom_vjp(eqn, invals, conv):
   fwd = eqn.params["fwd_jaxpr_thunk"]
 
   @functools.lru_cache(maxsize=None)
   def rewritten_fwd(*zeros):
-    closed = _rewrite_closed(jex_core.ClosedJaxpr(*fwd.call_wrapped(*zeros)))
+    closed = _rewrite_closed(jex_core.ClosedJaxpr(*fwd.call_wrapped(*zeros)), conv)
     return closed.jaxpr, closed.consts
 
-  params = {**eqn.params, "call_jaxpr": _rewrite_closed(eqn.params["call_jaxpr"]),
+  params = {**eqn.params, "call_jaxpr": _rewrite_closed(eqn.params["call_jaxpr"], conv),
             "fwd_jaxpr_thunk": lu.wrap_init(rewritten_fwd, debug_info=fwd.debug_info)}
   return _bind(eqn, invals, params)
 
 
-def _scan(eqn, invals):
+def _scan(eqn, invals, conv):
   p = eqn.params
-  body = _as_fun(p["jaxpr"])
+  body = _as_fun(p["jaxpr"], conv)
   consts, carry, xs = (invals[:p["num_consts"]],
                        invals[p["num_consts"]:p["num_consts"] + p["num_carry"]],
                        invals[p["num_consts"] + p["num_carry"]:])
@@ -262,26 +281,26 @@ def _scan(eqn, invals):
   return [*carry, *ys]
 
 
-def _while(eqn, invals):
+def _while(eqn, invals, conv):
   p = eqn.params
   nc, nb = p["cond_nconsts"], p["body_nconsts"]
   cond_consts, body_consts, init = invals[:nc], invals[nc:nc + nb], invals[nc + nb:]
-  cond, body = _as_fun(p["cond_jaxpr"]), _as_fun(p["body_jaxpr"])
+  cond, body = _as_fun(p["cond_jaxpr"], conv), _as_fun(p["body_jaxpr"], conv)
   out = lax.while_loop(lambda c: cond(*cond_consts, *c)[0],
                        lambda c: tuple(body(*body_consts, *c)), tuple(init))
   return list(out)
 
 
-def _cond(eqn, invals):
+def _cond(eqn, invals, conv):
   index, *ops = invals
-  branches = [(lambda f: lambda *a: tuple(f(*a)))(_as_fun(b))
+  branches = [(lambda f: lambda *a: tuple(f(*a)))(_as_fun(b, conv))
               for b in eqn.params["branches"]]
   return list(lax.switch(index, branches, *ops))
 
 
-def _remat(eqn, invals):
+def _remat(eqn, invals, conv):
   p = eqn.params
-  fun = lambda *a: _eval(p["jaxpr"], (), a)
+  fun = lambda *a: _eval(p["jaxpr"], (), a, conv)
   return jax.checkpoint(fun, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals)
 
 
@@ -296,9 +315,10 @@ _HANDLERS: dict[str, Callable] = {
 }
 
 
-def _eval(jaxpr, consts, args) -> list[Any]:
+def _eval(jaxpr, consts, args, conv: Callable) -> list[Any]:
   """Evaluates open `jaxpr` on `consts` and `args`, re-emitting every equation (rewritten where
-  `_HANDLERS` says) under the current trace."""
+  `_HANDLERS` says; convolutions by `conv`, with `lax.conv_general_dilated`'s arguments) under the
+  current trace."""
   env: dict[Any, Any] = {}
 
   def read(v):
@@ -317,7 +337,7 @@ def _eval(jaxpr, consts, args) -> list[Any]:
     name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
     with (source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
           eqn.ctx.manager):
-      out = _bind(eqn, invals) if handler is None else handler(eqn, invals)
+      out = _bind(eqn, invals) if handler is None else handler(eqn, invals, conv)
     if eqn.primitive.multiple_results:
       for var, val in zip(eqn.outvars, out):
         env[var] = val
@@ -335,12 +355,14 @@ def fast_convs(fn: Callable, mode: str = "auto") -> Callable:
   strings, None) are passed to `fn` as they are. `fn` is traced again on every call: call the
   result inside `jax.jit` (or the caller's traced function), where that happens once per trace.
   mode: "auto" and "im2col" rewrite every convolution (see the module docstring for why "auto"
-  does); "xla" returns `fn` itself.
+  does); "pallas" computes those without dilation or groups by the implicit-GEMM Pallas kernel
+  (`pallas_conv`; the others as "im2col"); "xla" returns `fn` itself.
   """
   if mode not in CONV_MODES:
     raise KeyError(f"unknown conv mode {mode!r}; valid: {', '.join(CONV_MODES)}")
   if mode == "xla":
     return fn
+  conv = _CONV_FNS[mode]
 
   @functools.wraps(fn)
   def rewritten(*args, **kwargs):
@@ -356,7 +378,7 @@ def fast_convs(fn: Callable, mode: str = "auto") -> Callable:
 
     values = [leaves[i] for i in where]
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*values)
-    out = _eval(closed.jaxpr, closed.consts, values)
+    out = _eval(closed.jaxpr, closed.consts, values, conv)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
   return rewritten
