@@ -7,12 +7,12 @@ from vidleak_jax.fl.defenses import DEFENSES, Defense, compose, defend, support
 from vidleak_jax.fl.local import (APPROXIMATIONS, LocalTraining, UpdateFn, fedavg_update,
                                   local_train, minibatch_order, replay)
 from vidleak_jax.fl.privacy import dp_client_update, epsilon
-from vidleak_jax.fl.server import (accuracy, aggregate, aggregated, client_keys, fedavg_round,
-                                   train_global)
+from vidleak_jax.fl.server import (ClientFn, accuracy, aggregate, aggregated, client_keys,
+                                   fedavg_client, fedavg_round, train_global)
 from vidleak_jax.fl.updates import client_update, cross_entropy
 
-__all__ = ["APPROXIMATIONS", "LocalTraining", "UpdateFn", "accuracy", "aggregate", "aggregated",
-           "client_keys",
+__all__ = ["APPROXIMATIONS", "ClientFn", "LocalTraining", "UpdateFn", "accuracy", "aggregate",
+           "aggregated", "client_keys", "fedavg_client",
            "client_update", "cross_entropy", "fedavg_round", "fedavg_update", "local_train",
            "minibatch_order", "replay", "train_global"]
 __all__ += ["DEFENSES", "Defense", "compose", "defend", "defenses", "dp_client_update", "epsilon",

@@ -18,7 +18,7 @@ from vidleak_jax.pipeline import rundir
 from vidleak_jax.pipeline.config import CLIENT_OPTIONS, DP_SGD, SOTERIA, RunConfig, parse_defenses
 from vidleak_jax.settings import InvalidSetting
 from vidleak_jax.tree_io import flatten_tree, leaf_paths, unflatten_like
-from vidleak_jax.types import Grads
+from vidleak_jax.types import ApplyFn, Grads, Params
 
 
 def attacked_clips(cfg: RunConfig) -> int:
@@ -70,7 +70,7 @@ def update_transforms(cfg: RunConfig) -> list[tuple[str, fl.Defense]]:
           if fl.defenses.parse_spec(spec)[0] not in CLIENT_OPTIONS]
 
 
-def classifier_kernel(cfg: RunConfig, apply_fn, params) -> str:
+def classifier_kernel(cfg: RunConfig, apply_fn: ApplyFn, params: Params) -> str:
   """Path of the classifier's kernel [F, K]: the 2-D leaf next to the output bias (found
   structurally, `attack.labels.output_bias_path`) whose last axis is K."""
   bias = labels_lib.output_bias_path(apply_fn, params, (1, *cfg.clip_shape))
@@ -84,7 +84,8 @@ def classifier_kernel(cfg: RunConfig, apply_fn, params) -> str:
   return found[0]
 
 
-def soteria_updates(cfg: RunConfig, apply_fn, params, clips, updates):
+def soteria_updates(cfg: RunConfig, apply_fn: ApplyFn, params: Params, clips: jax.Array,
+                    updates: Grads) -> Grads:
   """Each client's update [N, ...] (leaves) after Soteria (cfg.defenses' soteria settings) on
   its clips [N, B, ...], at the round's params."""
   percent = _option(cfg, SOTERIA)["percent"]

@@ -31,12 +31,14 @@ from vidleak_jax.pipeline import clients, rundir
 from vidleak_jax.pipeline.config import DP_SGD, SOTERIA, RunConfig, parse_defenses
 from vidleak_jax.pipeline.victim import build_victim
 from vidleak_jax.pipeline.weights import global_model_dir, training_identity
+from vidleak_jax.types import ApplyFn, Params
 
 TRAIN_FILE = "train.json"
 DP_DELTA = 1e-5  # δ at which train.json reports the training's ε under dp_sgd
 
 
-def defended_client(cfg: RunConfig, apply_fn, params) -> fl.server.ClientFn | None:
+def defended_client(cfg: RunConfig, apply_fn: ApplyFn, params: Params
+                    ) -> fl.ClientFn | None:
   """What a training client shares under cfg.defenses (None: the undefended FedAvg delta)."""
   chain = dict(parse_defenses(cfg.defenses, update=cfg.update))
   if not chain:
