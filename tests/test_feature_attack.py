@@ -345,3 +345,19 @@ def test_sigkilled_feature_matching_resumes_to_the_uninterrupted_result(tmp_path
   got, expected = (np.load(tmp_path / f"{name}.npz") for name in ("run", "uninterrupted"))
   for name in ("value", "loss", "history", "restart_losses"):
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_feature_matching_on_the_support_of_a_pruned_update_recovers_the_features():
+  """Against a head update pruned to half its entries (DLG's defence), matching only the entries
+  that were sent recovers the features far more precisely than reading the zeros as values
+  (measured: relative error 4e-5 against 3e-3)."""
+  features = _features(seed=3)
+  _, head_apply, params, grads = _shared("gru", features, hidden=32)
+  pruned = vl.fl.defend(None, grads, [vl.fl.defenses.prune(0.5)])
+  start = jnp.full_like(features, 0.5)
+  config = fa.StageConfig(optimizer="lbfgs", metric="l2", steps=100)
+  error = lambda **kw: fa.feature_errors(fa.match_features(
+      head_apply, params, pruned, LABELS, start, config, **kw).value, features)[
+          "feature_rel_error"][0]
+  on_support, everywhere = error(mask=vl.fl.support(pruned)), error()
+  assert on_support < 1e-3 and everywhere > 10 * on_support, (on_support, everywhere)

@@ -32,6 +32,8 @@ from vidleak_jax.attack.engine import make_optimisation
 from vidleak_jax.attack.objectives import DISTANCES, gradient_matching_loss
 from vidleak_jax.attack.optimizers import LBFGS_MEMORY, OPTIMIZERS, SCHEDULES
 from vidleak_jax.attack.priors import tv_spatial, tv_temporal
+from vidleak_jax.fl.local import UpdateFn
+from vidleak_jax.fl.updates import client_update
 from vidleak_jax.settings import check, setting, validate_fields
 from vidleak_jax.types import ApplyFn, Grads, Params
 
@@ -101,9 +103,13 @@ def _minimise(name: str, objective: Callable, starts: jax.Array, config: StageCo
 
 
 def feature_matching_objective(head_apply: ApplyFn, params: Params, target_grads: Grads,
-                               labels: jax.Array, metric: str = "l2") -> Objective:
-  """features [B,T,D] -> distance between the head's gradient on them and `target_grads`."""
-  return lambda f: gradient_matching_loss(head_apply, params, target_grads, f, labels, metric)
+                               labels: jax.Array, metric: str = "l2", *,
+                               update_fn: UpdateFn = client_update,
+                               mask: Grads | None = None) -> Objective:
+  """features [B,T,D] -> distance between the head's update on them (`update_fn`, default its
+  FedSGD gradient) and `target_grads`, on the entries `mask` keeps (`gradient_matching_loss`)."""
+  return lambda f: gradient_matching_loss(head_apply, params, target_grads, f, labels, metric,
+                                          update_fn=update_fn, mask=mask)
 
 
 def restart_points(key: jax.Array | None, init: jax.Array, config: StageConfig) -> jax.Array:
@@ -123,8 +129,9 @@ def match_features(head_apply: ApplyFn, params: Params, target_grads: Grads, lab
                    decode: Callable[[jax.Array], jax.Array] | None = None,
                    progress: ProgressFn | None = None, checkpoint_dir: str | None = None,
                    checkpoint_every: int = 1, should_stop: Callable[[], bool] | None = None,
-                   mesh: jax.sharding.Mesh | None | str = None) -> Recovered:
-  """Stage 1 by gradient matching: features [B,T,D] from `init` whose head gradient matches.
+                   mesh: jax.sharding.Mesh | None | str = None,
+                   update_fn: UpdateFn = client_update, mask: Grads | None = None) -> Recovered:
+  """Stage 1 by gradient matching: features [B,T,D] from `init` whose head update matches.
 
   With `decode`, the variable is a code z (`init` is z's start) and the features are decode(z)
   (e.g. coefficients in the span the gradient allows, `analytic.input_span`); the result holds
@@ -132,9 +139,12 @@ def match_features(head_apply: ApplyFn, params: Params, target_grads: Grads, lab
   at `init` scaled by 1 + restart_noise·N(0, 1) elementwise (from `key`); the best objective wins.
   progress / checkpoint_dir / checkpoint_every / should_stop / mesh: as in `reconstruct` (a
   checkpoint of another objective, config, start, head, labels or shared update is refused);
-  mesh None keeps everything on the default device.
+  mesh None keeps everything on the default device. `update_fn` / `mask`: the attacker's model of
+  the client's update on the candidate features (e.g. a FedAvg replay, a defence's noise-free
+  part) and the entries matched (a sparsifying defence's support), as in `reconstruct`.
   """
-  matching = feature_matching_objective(head_apply, params, target_grads, labels, config.metric)
+  matching = feature_matching_objective(head_apply, params, target_grads, labels, config.metric,
+                                        update_fn=update_fn, mask=mask)
   code = (lambda f: f) if decode is None else decode
 
   def objective(z: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -144,7 +154,7 @@ def match_features(head_apply: ApplyFn, params: Params, target_grads: Grads, lab
   starts = restart_points(key, jnp.asarray(init, jnp.float32), config)
   identity = {} if checkpoint_dir is None else {
       "labels": jnp.asarray(labels), "params": params, "target_grads": target_grads,
-      "decoded_start": None if decode is None else decode(starts[0])}
+      "decoded_start": None if decode is None else decode(starts[0]), "mask": mask}
   return _minimise("feature_matching", objective, starts, config, decode=decode,
                    identity=identity, progress=progress, checkpoint_dir=checkpoint_dir,
                    checkpoint_every=checkpoint_every, should_stop=should_stop, mesh=mesh)

@@ -39,8 +39,10 @@ def init_clips(key: jax.Array, references: np.ndarray | None, clip_shape) -> np.
 
 
 def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips,
-               key: jax.Array) -> tuple[Any, Any]:
-  """Recovered features [B,T,D] and their stage-1 objective history."""
+               key: jax.Array, support: Grads | None) -> tuple[Any, Any]:
+  """Recovered features [B,T,D] and their stage-1 objective history. Gradient matching replays
+  the client's update on the candidate features as the frame attack does on clips (its FedAvg
+  training, its defences' noise-free part) and matches on the defended update's `support`."""
   fc, head = cfg.features, victim.head
   start = jax.jit(victim.extract)(jnp.asarray(init_clips))
   if fc.attack == "analytic":  # an MLPHead (RunConfig checks)
@@ -57,8 +59,10 @@ def _stage_one(cfg: RunConfig, victim: FeatureVictim, shared, labels, init_clips
   if fc.attack == "subspace":  # an MLPHead (RunConfig checks)
     start, decode = analytic.span_code(shared, head, start)
   with rundir.tracked(cfg, "stage1") as tracking:
-    found = feature_attack.match_features(victim.head_apply, victim.params, shared, labels,
-                                          start, fc.matching, key=key, decode=decode, **tracking)
+    found = feature_attack.match_features(
+        victim.head_apply, victim.params, shared, labels, start, fc.matching, key=key,
+        decode=decode, update_fn=clients.attacker_update_fn(cfg, support=support), mask=support,
+        **tracking)
   logging.info("stage 1 (feature matching): objective %.4g", found.loss)
   return found.value, found.history
 
@@ -71,15 +75,14 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
   clip_shape = (clients.attacked_clips(cfg), *cfg.clip_shape)
   keys = jax.random.split(rundir.keys(cfg.seed)["attack"])
   refs = rundir.attack_references(cfg)
-  support = clients.match_support(cfg, shared)  # the defences (end_to_end adapts to them)
+  support = clients.match_support(cfg, shared)  # the defences are public: the attack adapts
   update_fn = clients.attacker_update_fn(cfg, support=support)
   labels = known if known is not None else attack.recover_labels(
       keys[0], victim.apply_fn, victim.params, shared, clip_shape, references=refs,
       trajectory=clients.label_trajectory(cfg), update_fn=update_fn)
-  if cfg.update == "fedavg" and cfg.features.attack != "end_to_end":
-    logging.warning("stage 1 matches the head's FedAvg delta as if it were one gradient (the "
-                    "FedSGD approximation); feature_attack='end_to_end' replays the local "
-                    "training")
+  if (cfg.update == "fedavg" or cfg.defenses) and cfg.features.attack == "analytic":
+    logging.warning("stage 1 (analytic) reads the head's update as one undefended gradient; "
+                    "feature_attack='matching' replays the client's local training and defences")
   init = init_clips(jax.random.fold_in(keys[1], 0),
                      refs if cfg.attack.init == "reference" else None, clip_shape)
   if cfg.features.attack == "end_to_end":
@@ -94,7 +97,7 @@ def stage_attack(cfg: RunConfig, captured: Grads | None = None) -> None:
     features_hat, feature_history = jax.jit(victim.extract)(rec.clips), np.zeros((0,))
   else:
     features_hat, feature_history = _stage_one(cfg, victim, shared, labels, init,
-                                               jax.random.fold_in(keys[1], 1))
+                                               jax.random.fold_in(keys[1], 1), support)
     with rundir.tracked(cfg, "stage2") as tracking:
       found = feature_attack.invert_features(victim.extract, features_hat, init,
                                              cfg.features.inversion, **tracking)
