@@ -20,9 +20,10 @@ from experiments import cli
 from vidleak_jax import pipeline, sweep
 from vidleak_jax.report import html
 
-# Set by the sweep itself (workdir, per point) or meaningless inside a point.
+# Set by the sweep itself (workdir, per point) or meaningless inside a point (the compilation
+# cache opens once per process).
 RESERVED = ("workdir", "sweep", "sweep_shard", "coordinator_address", "num_processes",
-            "process_id")
+            "process_id", "compilation_cache_dir")
 
 
 @contextlib.contextmanager

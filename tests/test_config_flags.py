@@ -13,7 +13,8 @@ from vidleak_jax.attack import features as feature_attack
 from vidleak_jax.settings import setting
 
 # Flags of experiments.main that are not settings of a run (how and where it runs).
-NOT_SETTINGS = {"coordinator_address", "num_processes", "process_id", "sweep", "sweep_shard"}
+NOT_SETTINGS = {"compilation_cache_dir", "coordinator_address", "num_processes", "process_id",
+                "sweep", "sweep_shard"}
 
 
 def _fresh_flags() -> flags.FlagValues:
