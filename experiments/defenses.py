@@ -176,18 +176,20 @@ def write_table(leaks: dict, utility: dict) -> None:
   curves: dict = {}
   data = FLAGS.sources[0]
   for name, cell in CELLS.items():
-    acc = [t["final_test_accuracy"] for t in utility.get(name if name not in NO_UTILITY
-                                                               else "none", [])]
-    if name in ("soteria_50", "soteria_80"):
-      acc = []
+    source = "none" if name == "secagg_4" else name  # secure aggregation trains the same model
+    acc = [] if name.startswith("soteria") else [
+        t["final_test_accuracy"] for t in utility.get(source, [])]
+    runs = leaks.get((data, name), [])
+    leak = {key: [m[key] for m in runs] for key in ("psnr_mean", "lpips_mean")}
     eps = _epsilon(name, FLAGS.rounds)
-    label = cell.value + (f", ε={eps}" if eps else "")
-    for family in ({cell.family} if name != "none" else
-                   {c.family for c in CELLS.values() if c.family != "none"}):
-      curves.setdefault(family, []).append(
-          (label if name != "none" else "none", acc,
-           [m["psnr_mean"] for m in leaks.get((data, name), [])]))
-  vio.write_bytes(plot, plots.tradeoff_png(curves, f"leakage: PSNR (dB), {_short(data)}"))
+    label = "none" if name == "none" else cell.value + (f", ε={eps}" if eps else "")
+    families = ({cell.family} if name != "none" else
+                {c.family for c in CELLS.values() if c.family != "none"})
+    for family in sorted(families):
+      curves.setdefault(family, []).append((label, acc, leak))
+  vio.write_bytes(plot, plots.tradeoff_png(curves, [
+      ("psnr_mean", f"leakage: PSNR (dB), {_short(data)}"),
+      ("lpips_mean", f"leakage: LPIPS (lower: closer), {_short(data)}")]))
 
 
 STOPPED_DB = 3.0  # an attack "stopped": mean PSNR less than this above its grey start's

@@ -129,26 +129,30 @@ def study_png(panels: dict[str, dict[str, list[tuple[str, Sequence[float]]]]],
   return _png(fig)
 
 
-def tradeoff_png(curves: dict[str, list[tuple[str, Sequence[float], Sequence[float]]]],
-                 ylabel: str) -> bytes:
-  """Leakage against utility: per curve (a defence family over its strength) the mean ± std
-  (both axes, over seeds) of every setting, labelled, joined in the given order.
+def tradeoff_png(curves: dict[str, list[tuple[str, Sequence[float], dict[str, Sequence[float]]]]],
+                 panels: Sequence[tuple[str, str]]) -> bytes:
+  """Leakage against utility, one panel per leakage metric: per curve (a defence family over its
+  strength) the mean ± std (both axes, over seeds) of every setting, labelled, joined in order.
 
-  curves: family -> [(point label, utility values, leakage values), ...].
+  curves: family -> [(point label, utility values, {metric key: leakage values}), ...];
+  panels: [(metric key, y label), ...].
   """
-  fig, (ax,) = _figure(1)
-  fig.set_size_inches(7.0, 4.6)
-  for name, points in curves.items():
-    found = [(label, np.mean(u), np.std(u), np.mean(v), np.std(v))
-             for label, u, v in points if len(u) and len(v)]
-    if not found:
-      continue
-    labels, ux, us, vy, vs = zip(*found)
-    line = ax.errorbar(ux, vy, xerr=us, yerr=vs, fmt="o-", capsize=3, lw=1.2, ms=4, label=name)
-    for label, x, y in zip(labels, ux, vy):
-      ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
-                  color=line[0].get_color())
-  ax.set(xlabel="utility: test accuracy of the model trained under the defence", ylabel=ylabel)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
+  fig, axes = _figure(len(panels))
+  fig.set_size_inches(6.4 * len(panels), 4.6)
+  for ax, (key, ylabel) in zip(axes, panels):
+    for name, points in curves.items():
+      found = [(label, np.mean(u), np.std(u), np.mean(v[key]), np.std(v[key]))
+               for label, u, v in points if len(u) and len(v.get(key, ()))]
+      if not found:
+        continue
+      labels, ux, us, vy, vs = zip(*found)
+      line = ax.errorbar(ux, vy, xerr=us, yerr=vs, fmt="o-", capsize=3, lw=1.2, ms=4, label=name)
+      for label, x, y in zip(labels, ux, vy):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                    color=line[0].get_color())
+    ax.set(xlabel="utility: test accuracy of the model trained under the defence",
+           ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   return _png(fig)
