@@ -26,6 +26,11 @@ for name, cell in d.CELLS.items():
       util_act=util.victim_kwargs["activation"], stages=list(util.stages),
       rounds=util.train.rounds, seeds=[leak.seed, util.seed],
       dirs=[leak.workdir, util.workdir])
+  if name in d.FEATURE_CELLS:
+    feat = d.feature_config(name, 2)
+    out[name].update(feat_defenses=parse_defenses(feat.defenses), feat_pipeline=feat.pipeline,
+                     feat_dir=feat.workdir, feat_seed=feat.seed,
+                     extractor_dir=feat.features.extractor_dir, feat_attack=feat.features.attack)
 print(json.dumps(out))
 """
 
@@ -52,6 +57,12 @@ def test_every_cell_attacks_and_trains_under_the_defence_it_names(tmp_path):
       assert float(strength) in [float(v) for v in settings.values()]
     elif name in ("none", "secagg_4"):
       assert names == []
+    if "feat_pipeline" in cell:  # the features_resnet_small preset under the same defence
+      assert cell["feat_defenses"] == cell["leak_defenses"] and cell["feat_seed"] == 2
+      assert (cell["feat_pipeline"], cell["feat_attack"]) == ("features", "matching")
+      assert cell["extractor_dir"] == f"{out}/features/extractor"  # shared by every cell
+      assert cell["feat_dir"].startswith(f"{out}/features/{name}/")
+  assert sum("feat_pipeline" in c for c in cells.values()) >= 10
 
 
 def test_an_unknown_cell_is_refused_naming_the_flag(tmp_path):
