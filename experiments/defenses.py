@@ -42,7 +42,8 @@ flags.DEFINE_integer("attack_steps", 400, "L-BFGS steps per attack.", lower_boun
 flags.DEFINE_integer("rounds", 100, "FedSGD rounds that train the utility model.", lower_bound=1)
 flags.DEFINE_bool("utility", True, "Also train the utility models.")
 flags.DEFINE_bool("features", True, "Also attack the feature pipeline (the features_resnet_small "
-                  "preset: a frozen pre-trained per-frame ResNet, only an MLP head in FL; stage-1 "
+                  "preset: a frozen per-frame ResNet pre-trained once per seed, only an MLP head "
+                  "in FL; stage-1 "
                   "feature matching adapted to the defence) in the cells of FEATURE_CELLS.")
 flags.DEFINE_bool("table_only", False, "Only rebuild the table and plot from the finished runs.")
 
@@ -107,14 +108,14 @@ def utility_config(name: str, seed: int) -> pipeline.RunConfig:
 
 
 def feature_config(name: str, seed: int) -> pipeline.RunConfig:
-  """The features_resnet_small preset under the cell's defence; one extractor pre-trained for
-  all cells and seeds (its own seed), in <out>/features/extractor."""
+  """The features_resnet_small preset under the cell's defence; one extractor pre-trained per
+  seed for all cells, in <out>/features/extractor_seed<seed>."""
   values = flags.FlagValues()
   config_flags.define_flags(values)
   out = os.path.join(FLAGS.out, "features")
   values(["defenses", "--flagfile=experiments/flags/features_resnet_small.flags", "--quiet",
           f"--workdir={os.path.join(out, name, f'seed{seed}')}", f"--seed={seed}",
-          f"--extractor_dir={os.path.join(out, 'extractor')}",
+          f"--extractor_dir={os.path.join(out, f'extractor_seed{seed}')}",
           f"--defenses={','.join(CELLS[name].defenses)}"])
   return config_flags.config_from_flags(values)
 

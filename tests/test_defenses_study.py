@@ -60,7 +60,7 @@ def test_every_cell_attacks_and_trains_under_the_defence_it_names(tmp_path):
     if "feat_pipeline" in cell:  # the features_resnet_small preset under the same defence
       assert cell["feat_defenses"] == cell["leak_defenses"] and cell["feat_seed"] == 2
       assert (cell["feat_pipeline"], cell["feat_attack"]) == ("features", "matching")
-      assert cell["extractor_dir"] == f"{out}/features/extractor"  # shared by every cell
+      assert cell["extractor_dir"] == f"{out}/features/extractor_seed2"  # shared by the cells
       assert cell["feat_dir"].startswith(f"{out}/features/{name}/")
   assert sum("feat_pipeline" in c for c in cells.values()) >= 10
 
