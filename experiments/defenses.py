@@ -63,7 +63,7 @@ CELLS = {
     "none": Cell("none", "—", ()),
     **{f"dp_sgd_{s}": Cell(f"DP-SGD (C = {CLIP:g}), noise σ", str(s),
                            (f"dp_sgd:clip_norm={CLIP:g}:noise_multiplier={s}",))
-       for s in (1e-05, 0.0001, 0.001, 0.01, 0.1, 1.0)},
+       for s in (0, 1e-05, 0.0001, 0.001, 0.01, 0.1, 1.0)},  # σ = 0: clipping alone
     **{f"prune_{p}": Cell("pruning (DLG), sparsity p", str(p), (f"prune:p={p}",))
        for p in (0.2, 0.5, 0.9, 0.99)},
     **{name: Cell("quantisation", label, (spec,)) for name, label, spec in (
@@ -265,18 +265,24 @@ def findings(leaks: dict, utility: dict) -> list[str]:
   if gain("fp16") is not None:
     lines.append(f"- *fp16 does not stop it*: {'holds' if gain('fp16') >= STOPPED_DB else 'does not hold'}"
                  f" (fp16 {gain('fp16'):+.1f} dB).")
-  noises = [n for n in CELLS if n.startswith("dp_sgd_") and gain(n) is not None]
+  noises = [n for n in CELLS if n.startswith("dp_sgd_") and n != "dp_sgd_0"
+            and gain(n) is not None]
   stopping = [n for n in noises if gain(n) < STOPPED_DB]
-  base = [t["final_test_accuracy"] for t in utility.get("none", [])]
-  if stopping and base and utility.get(stopping[0]):
-    acc = [t["final_test_accuracy"] for t in utility[stopping[0]]]
-    costs = np.mean(base) - np.mean(acc) > np.std(base) + np.std(acc)
+  accuracy = lambda name: [t["final_test_accuracy"] for t in utility.get(name, [])]
+  base, clip_only = accuracy("none"), accuracy("dp_sgd_0")
+  if stopping and base and accuracy(stopping[0]):
+    acc = accuracy(stopping[0])
+    lower = lambda ref: np.mean(ref) - np.mean(acc) > np.std(ref) + np.std(acc)
+    against_clip = (f"; clipping alone (σ = 0) trains to {np.mean(clip_only):.2f} ± "
+                    f"{np.std(clip_only):.2f}, so the noise itself "
+                    f"{'costs' if lower(clip_only) else 'does not cost'} accuracy"
+                    if clip_only else "")
     lines.append(f"- *Noise large enough to stop it costs accuracy*: "
-                 f"{'holds' if costs else 'does not hold'} (DP-SGD σ {describe(noises)}; the "
-                 f"first σ that stops it, {CELLS[stopping[0]].value}, trains to "
+                 f"{'holds' if lower(base) else 'does not hold'} (DP-SGD σ {describe(noises)}; "
+                 f"the first σ that stops it, {CELLS[stopping[0]].value}, trains to "
                  f"{np.mean(acc):.2f} ± {np.std(acc):.2f} test accuracy against "
-                 f"{np.mean(base):.2f} ± {np.std(base):.2f} undefended; 'costs' = lower by more "
-                 f"than both stds together).")
+                 f"{np.mean(base):.2f} ± {np.std(base):.2f} undefended{against_clip}; 'costs' = "
+                 f"lower by more than both stds together).")
   elif noises:
     lines.append(f"- *Noise large enough to stop it costs accuracy*: not decided yet (DP-SGD σ "
                  f"{describe(noises)}; {'no σ tried stops it' if not stopping else 'its utility is not trained yet'}).")
