@@ -71,7 +71,8 @@ def fedavg_round(apply_fn: ApplyFn, params: Params, clips: jax.Array, labels: ja
   clips [N,n,T,H,W,C], labels [N,n], orders [N,steps,b] (each client's mini-batch order); the
   clients train in parallel (vmap) and the server subtracts their example-weighted mean delta
   (equal n: the plain mean). `client_fn` (default `fedavg_client`) computes a client's shared
-  update, drawing from its key in `keys` [N] (a defence's randomness; default: unused zeros).
+  update, drawing from its key in `keys` [N] (a defence's randomness; default: split from
+  key(0), which the undefended client ignores).
   """
   client_fn = client_fn or fedavg_client(apply_fn, local)
   keys = jax.random.split(jax.random.key(0), labels.shape[0]) if keys is None else keys
