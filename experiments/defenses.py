@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import cli, config_flags
+from experiments import cli, config_flags, studies
 from vidleak_jax import attack, fl, pipeline, report
 from vidleak_jax import io as vio
 from vidleak_jax.pipeline import rundir, train
@@ -149,12 +149,6 @@ def collect() -> tuple[dict, dict]:
   return leaks, utility
 
 
-def _summary(values: list[float], digits: int) -> str:
-  if not values:
-    return "—"
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} ({len(values)})"
-
-
 def _epsilon(name: str, steps: int) -> str:
   """ε at train.DP_DELTA of `steps` DP-SGD steps at sampling rate 1, or "" without DP."""
   specs = CELLS[name].defenses
@@ -188,10 +182,11 @@ def write_table(leaks: dict, utility: dict) -> None:
   for name, cell in CELLS.items():
     row = [cell.family, cell.value]
     for data in FLAGS.sources:
-      row += [_summary([m[k] for m in leaks.get((data, name), [])], d) for k, _, d in METRICS[:2]]
-    row += [_summary([m[k] for m in leaks.get((FLAGS.sources[0], name), [])], d)
+      row += [studies.summary([m[k] for m in leaks.get((data, name), [])], d)
+              for k, _, d in METRICS[:2]]
+    row += [studies.summary([m[k] for m in leaks.get((FLAGS.sources[0], name), [])], d)
             for k, _, d in METRICS[2:]]
-    row.append(NO_UTILITY.get(name) or _summary(
+    row.append(NO_UTILITY.get(name) or studies.summary(
         [t["final_test_accuracy"] for t in utility.get(name, [])], 2))
     row += [_epsilon(name, 1), _epsilon(name, FLAGS.rounds)]
     lines.append("| " + " | ".join(row) + " |")
@@ -207,7 +202,7 @@ def write_table(leaks: dict, utility: dict) -> None:
     for name in FEATURE_CELLS:
       runs = leaks.get(("features", name), [])
       lines.append("| " + " | ".join([CELLS[name].family, CELLS[name].value] + [
-          _summary([m[k] for m in runs], d) for k, _, d in FEATURE_METRICS]) + " |")
+          studies.summary([m[k] for m in runs], d) for k, _, d in FEATURE_METRICS]) + " |")
   plot = os.path.splitext(FLAGS.table)[0] + ".png"
   lines += ["", *findings(leaks, utility), f"![leakage against utility]({os.path.basename(plot)})",
             ""]
@@ -263,8 +258,8 @@ def findings(leaks: dict, utility: dict) -> list[str]:
                  f"{'holds' if holds else 'does not hold'} (sparsity {describe(prunes)}; "
                  f"stopped from p = {CELLS[stops[0]].value if stops else 'none tried'}).")
   if gain("fp16") is not None:
-    lines.append(f"- *fp16 does not stop it*: {'holds' if gain('fp16') >= STOPPED_DB else 'does not hold'}"
-                 f" (fp16 {gain('fp16'):+.1f} dB).")
+    verdict = "holds" if gain("fp16") >= STOPPED_DB else "does not hold"
+    lines.append(f"- *fp16 does not stop it*: {verdict} (fp16 {gain('fp16'):+.1f} dB).")
   noises = [n for n in CELLS if n.startswith("dp_sgd_") and n != "dp_sgd_0"
             and gain(n) is not None]
   stopping = [n for n in noises if gain(n) < STOPPED_DB]
@@ -284,8 +279,9 @@ def findings(leaks: dict, utility: dict) -> list[str]:
                  f"{np.mean(base):.2f} ± {np.std(base):.2f} undefended{against_clip}; 'costs' = "
                  f"lower by more than both stds together).")
   elif noises:
+    why = "its utility is not trained yet" if stopping else "no σ tried stops it"
     lines.append(f"- *Noise large enough to stop it costs accuracy*: not decided yet (DP-SGD σ "
-                 f"{describe(noises)}; {'no σ tried stops it' if not stopping else 'its utility is not trained yet'}).")
+                 f"{describe(noises)}; {why}).")
   return lines + [""]
 
 
@@ -294,12 +290,7 @@ def _short(data: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-  cells = FLAGS.cells or list(CELLS)
-  unknown = [c for c in cells if c not in CELLS]
-  if unknown:
-    raise app.UsageError(f"--cells: unknown {unknown}; valid: {', '.join(CELLS)}")
+  cells = studies.selected_cells(argv, FLAGS.cells, CELLS)
   try:
     for name in cells:
       for data in FLAGS.sources:

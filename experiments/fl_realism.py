@@ -18,10 +18,9 @@ import json
 import os
 from typing import Any, NamedTuple
 
-import numpy as np
 from absl import app, flags, logging
 
-from experiments import cli
+from experiments import cli, studies
 from vidleak_jax import attack, fl, pipeline, report
 from vidleak_jax import io as vio
 from vidleak_jax.report import plots
@@ -107,12 +106,6 @@ def cell_config(name: str, victim: str, data: str, seed: int) -> pipeline.RunCon
       victim_kwargs=victim_kwargs, attack=config, train=train, quiet=True, **fields)
 
 
-def _summary(values: list[float], digits: int) -> str:
-  if not values:
-    return "—"
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f} ({len(values)})"
-
-
 def _train_accuracy(cfg: pipeline.RunConfig) -> float | None:
   path = rundir.path(cfg, "train.json")
   if not os.path.isfile(path):
@@ -166,8 +159,9 @@ def write_table(results: dict) -> None:
       for name in CELLS:
         runs = results.get((victim, data, name), [])
         row = [CELLS[name].axis, CELLS[name].value]
-        row += [_summary([m[key] for m, _ in runs], digits) for key, _, digits in METRICS]
-        row.append(_summary([a for _, a in runs if a is not None], 2))
+        row += [studies.summary([m[key] for m, _ in runs], digits)
+                for key, _, digits in METRICS]
+        row.append(studies.summary([a for _, a in runs if a is not None], 2))
         lines.append("| " + " | ".join(row) + " |")
       lines.append("")
   plot = os.path.splitext(FLAGS.table)[0] + ".png"
@@ -182,12 +176,7 @@ def write_table(results: dict) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-  cells = FLAGS.cells or list(CELLS)
-  unknown = [c for c in cells if c not in CELLS]
-  if unknown:
-    raise app.UsageError(f"--cells: unknown {unknown}; valid: {', '.join(CELLS)}")
+  cells = studies.selected_cells(argv, FLAGS.cells, CELLS)
   try:
     for victim in FLAGS.victims:
       for data in FLAGS.sources:
