@@ -8,15 +8,17 @@ another process holds is skipped, an interrupted one resumes):
   leakage  the quickstart victim (sigmoid C3D, the attack-friendly worst case) attacked on one
            client's FedSGD update of B = 1 clip under the defence, labels recovered, by the attack
            that adapts to it (`pipeline.clients.attacker_update_fn`);
-  utility  a ReLU C3D (the sigmoid victims do not train) trained for --rounds FedSGD rounds by 8
-           clients of 8 clips, each defending its update the same way; its test accuracy.
+  utility  a ReLU C3D (the sigmoid victims do not train) trained for --rounds FedAvg rounds by 8
+           clients of 8 clips (`studies.RELU_LOCAL`), each defending its update the same way
+           (DP-SGD in every local step); its test accuracy.
 The markdown table (mean ± std over seeds) and a leakage-against-utility plot are rewritten after
-every run. Soteria's utility is not trained (its exact representation Jacobian costs ~30 s per
-client and round on 2 CPU cores); secure aggregation leaves the trained model unchanged.
+every run. Secure aggregation leaves the trained model unchanged (its utility is the undefended
+one's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, NamedTuple
@@ -39,7 +41,7 @@ flags.DEFINE_list("sources", ["synthetic", "shipped:carphone_pristine"],
 flags.DEFINE_list("cells", [], "Cells to run (default: all of CELLS).")
 flags.DEFINE_integer("seeds", 3, "Seeds 0..n-1 per cell.", lower_bound=1)
 flags.DEFINE_integer("attack_steps", 400, "L-BFGS steps per attack.", lower_bound=1)
-flags.DEFINE_integer("rounds", 100, "FedSGD rounds that train the utility model.", lower_bound=1)
+flags.DEFINE_integer("rounds", 30, "FedAvg rounds that train the utility model.", lower_bound=1)
 flags.DEFINE_bool("utility", True, "Also train the utility models.")
 flags.DEFINE_bool("features", True, "Also attack the feature pipeline (the features_resnet_small "
                   "preset: a frozen per-frame ResNet pre-trained once per seed, only an MLP head "
@@ -80,7 +82,7 @@ FEATURE_CELLS = ("none", "dp_sgd_0.0001", "dp_sgd_0.001", "dp_sgd_0.01", "prune_
 FEATURE_METRICS = (("feature_rel_error_mean", "feature rel. error", 3),
                    ("feature_cosine_mean", "feature cosine", 3), ("psnr_mean", "PSNR (dB)", 2),
                    ("label_accuracy", "label acc.", 2))
-NO_UTILITY = {"secagg_4": "= none", "soteria_50": "not trained", "soteria_80": "not trained"}
+NO_UTILITY = {"secagg_4": "= none"}
 
 
 def _base(workdir: str, seed: int, data: str, **fields: Any) -> pipeline.RunConfig:
@@ -104,7 +106,7 @@ def utility_config(name: str, seed: int) -> pipeline.RunConfig:
   return _base(os.path.join(FLAGS.out, "utility", name, f"seed{seed}"), seed, "synthetic",
                victim_kwargs={"features": 32, "activation": "relu"}, stages=("train",),
                train=TrainConfig(rounds=FLAGS.rounds, clients=8, client_clips=8, test_clips=128),
-               defenses=CELLS[name].defenses)
+               local=studies.RELU_LOCAL, defenses=CELLS[name].defenses)
 
 
 def feature_config(name: str, seed: int) -> pipeline.RunConfig:
@@ -149,14 +151,19 @@ def collect() -> tuple[dict, dict]:
   return leaks, utility
 
 
-def _epsilon(name: str, steps: int) -> str:
-  """ε at train.DP_DELTA of `steps` DP-SGD steps at sampling rate 1, or "" without DP."""
-  specs = CELLS[name].defenses
-  if not specs or not specs[0].startswith("dp_sgd"):
-    return ""
-  sigma = fl.defenses.parse_spec(specs[0])[1]["noise_multiplier"]
-  eps = fl.epsilon(sigma, 1.0, steps, train.DP_DELTA)
-  return f"{eps:.3g}"
+def _epsilon(cfg: pipeline.RunConfig) -> str:
+  """ε at train.DP_DELTA of the DP-SGD that `cfg` trains with (`train.training_epsilon`), or ""
+  without DP."""
+  eps = train.training_epsilon(cfg)
+  return "" if eps is None else f"{eps:.3g}"
+
+
+def _epsilons(name: str) -> tuple[str, str]:
+  """(ε of the attacked FedSGD round: one step at sampling rate 1, ε of the utility model's
+  training), "" without DP."""
+  attacked = dataclasses.replace(leakage_config(name, FLAGS.sources[0], 0),
+                                 train=TrainConfig(rounds=1, client_clips=1))
+  return _epsilon(attacked), _epsilon(utility_config(name, 0))
 
 
 def write_table(leaks: dict, utility: dict) -> None:
@@ -169,15 +176,18 @@ def write_table(leaks: dict, utility: dict) -> None:
       f"TV 1e-3, {FLAGS.attack_steps} steps, labels recovered from the update, adapted to the "
       f"defence (support-only matching for pruning and Soteria; the clipped noise-free "
       f"per-example mean for DP-SGD; quantised updates matched as received). Utility: a ReLU "
-      f"C3D trained for {FLAGS.rounds} FedSGD rounds (lr 0.1) by 8 clients × 8 synthetic clips, "
-      f"each defending its update the same way; test accuracy on 128 held-out clips (chance "
-      f"0.25). ε: dp-accounting's RDP accountant at δ = {train.DP_DELTA:g}, sampling rate 1 "
-      f"(one attacked round; the utility model's {FLAGS.rounds} rounds). Mean ± std over seeds "
-      f"(n).", ""]
+      f"C3D trained for {FLAGS.rounds} FedAvg rounds by 8 clients × 8 synthetic clips (2 local "
+      f"epochs of mini-batches of 2, lr 0.05: {studies.RELU_LOCAL.steps(8)} local steps per "
+      f"round), each defending its update the same way (DP-SGD: every local step clipped and "
+      f"noised); test accuracy on 128 held-out clips (chance 0.25). ε: dp-accounting's RDP "
+      f"accountant at δ = {train.DP_DELTA:g} for the attacked round (one step, sampling rate 1) "
+      f"and for the utility model's training ({FLAGS.rounds} × {studies.RELU_LOCAL.steps(8)} "
+      f"steps at rate 2/8, shuffled mini-batches accounted as Poisson sampling). Mean ± std "
+      f"over seeds (n).", ""]
   header = (["family", "setting"] + [f"{title}, {_short(d)}" for d in FLAGS.sources
                                      for _, title, _ in METRICS[:2]]
             + [f"{t}, {_short(FLAGS.sources[0])}" for _, t, _ in METRICS[2:]]
-            + ["test acc.", "ε (1 round)", f"ε ({FLAGS.rounds} rounds)"])
+            + ["test acc.", "ε (attacked round)", "ε (training)"])
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, cell in CELLS.items():
     row = [cell.family, cell.value]
@@ -188,7 +198,7 @@ def write_table(leaks: dict, utility: dict) -> None:
             for k, _, d in METRICS[2:]]
     row.append(NO_UTILITY.get(name) or studies.summary(
         [t["final_test_accuracy"] for t in utility.get(name, [])], 2))
-    row += [_epsilon(name, 1), _epsilon(name, FLAGS.rounds)]
+    row += list(_epsilons(name))
     lines.append("| " + " | ".join(row) + " |")
   if any(data == "features" for data, _ in leaks):
     lines += ["", "## Feature pipeline", "",
@@ -211,11 +221,10 @@ def write_table(leaks: dict, utility: dict) -> None:
   data = FLAGS.sources[0]
   for name, cell in CELLS.items():
     source = "none" if name == "secagg_4" else name  # secure aggregation trains the same model
-    acc = [] if name.startswith("soteria") else [
-        t["final_test_accuracy"] for t in utility.get(source, [])]
+    acc = [t["final_test_accuracy"] for t in utility.get(source, [])]
     runs = leaks.get((data, name), [])
     leak = {key: [m[key] for m in runs] for key in ("psnr_mean", "lpips_mean")}
-    eps = _epsilon(name, FLAGS.rounds)
+    eps = _epsilons(name)[1]
     label = "none" if name == "none" else cell.value + (f", ε={eps}" if eps else "")
     families = ({cell.family} if name != "none" else
                 {c.family for c in CELLS.values() if c.family != "none"})

@@ -98,7 +98,7 @@ def cell_config(name: str, victim: str, data: str, seed: int) -> pipeline.RunCon
   train = TrainConfig(rounds=FLAGS.rounds if trained else 0, clients=8, client_clips=8,
                       test_clips=128)
   if victim_kwargs["activation"] == "relu":  # the population's (and the client's) training
-    fields["local"] = fl.LocalTraining(epochs=2, batch_size=2, lr=0.05)
+    fields["local"] = studies.RELU_LOCAL
   workdir = os.path.join(FLAGS.out, victim, data.replace(":", "_"), name, f"seed{seed}")
   return pipeline.RunConfig(
       workdir=workdir, seed=seed, data=data, clip_shape=(8, 24, 24, 3),

@@ -168,13 +168,6 @@ def test_bad_defense_specs_name_the_flag(spec, message):
   assert str(error.value).startswith("--defenses") and message in str(error.value)
 
 
-def test_dp_sgd_is_refused_for_fedavg_saying_why():
-  with pytest.raises(settings.InvalidSetting, match="needs update='fedsgd'.*per-example") as e:
-    pipeline.RunConfig(workdir="w", update="fedavg", batch_size=2,
-                       defenses=("dp_sgd:clip_norm=1:noise_multiplier=1",))
-  assert e.value.field == "defenses"
-
-
 def test_the_entry_point_refuses_a_bad_defense_before_writing(tmp_path):
   workdir = tmp_path / "run"
   proc = run_main("--flagfile=experiments/flags/tiny.flags", f"--workdir={workdir}",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from tests.conftest import ROOT
+from vidleak_jax import fl
 
 _DESCRIBE = """
 import json, sys
@@ -25,6 +26,8 @@ for name, cell in d.CELLS.items():
       batch=leak.batch_size, leak_act=leak.victim_kwargs.get("activation", "sigmoid"),
       util_act=util.victim_kwargs["activation"], stages=list(util.stages),
       rounds=util.train.rounds, seeds=[leak.seed, util.seed],
+      local=[util.local.epochs, util.local.batch_size, util.local.lr], leak_update=leak.update,
+      eps=d._epsilons(name),
       dirs=[leak.workdir, util.workdir])
   if name in d.FEATURE_CELLS:
     feat = d.feature_config(name, 2)
@@ -47,7 +50,8 @@ def test_every_cell_attacks_and_trains_under_the_defence_it_names(tmp_path):
     assert cell["seeds"] == [2, 2] and all(p.startswith(out) for p in cell["dirs"])
     assert cell["dirs"][0] != cell["dirs"][1]
     assert (cell["leak_act"], cell["util_act"]) == ("sigmoid", "relu")
-    assert cell["batch"] == 1 and cell["stages"] == ["train"] and cell["rounds"] == 100
+    assert cell["batch"] == 1 and cell["stages"] == ["train"] and cell["rounds"] == 30
+    assert cell["local"] == [2, 2, 0.05] and cell["leak_update"] == "fedsgd"  # FedAvg utility
     assert cell["clients"] == (4 if name == "secagg_4" else 1)
     names = [n for n, _ in cell["leak_defenses"]]
     if name.startswith(("dp_sgd", "prune", "soteria")):
@@ -55,6 +59,10 @@ def test_every_cell_attacks_and_trains_under_the_defence_it_names(tmp_path):
       assert names == [family] and float(cell["value"]) == float(strength)
       settings = cell["leak_defenses"][0][1]
       assert float(strength) in [float(v) for v in settings.values()]
+    if name.startswith("dp_sgd") and name != "dp_sgd_0":  # ε: 1 step at rate 1; 30 × 8 at 1/4
+      sigma = float(cell["value"])
+      assert cell["eps"] == [f"{fl.epsilon(sigma, 1.0, 1, 1e-5):.3g}",
+                             f"{fl.epsilon(sigma, 0.25, 240, 1e-5):.3g}"]
     elif name in ("none", "secagg_4"):
       assert names == []
     if "feat_pipeline" in cell:  # the features_resnet_small preset under the same defence

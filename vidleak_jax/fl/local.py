@@ -9,7 +9,6 @@ differentiable w.r.t. the clips, so a candidate batch's delta can be matched to 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vidleak_jax.fl.updates import check_update_inputs, client_update, cross_entropy
+from vidleak_jax.fl.updates import check_update_inputs, cross_entropy
 from vidleak_jax.settings import check, setting
 from vidleak_jax.types import ApplyFn, Clip, Grads, Labels, Params
 
@@ -70,33 +69,50 @@ def minibatch_order(key: jax.Array | None, num_clips: int, local: LocalTraining)
   return jnp.concatenate(epochs).reshape(-1, b).astype(jnp.int32)
 
 
+# One local step's gradient: (params, mini-batch clips [b,...], labels [b], step index []) ->
+# grads like params. The default is the mean cross-entropy's; DP-SGD's clips and noises it.
+StepGrad = Callable[[Params, Clip, Labels, jax.Array], Grads]
+
+
+def mean_ce_grad(apply_fn: ApplyFn) -> StepGrad:
+  """The plain SGD step's gradient: of the mini-batch's mean cross-entropy."""
+  return lambda p, x, y, step: jax.grad(lambda q: cross_entropy(apply_fn(q, x), y))(p)
+
+
 def local_train(apply_fn: ApplyFn, params: Params, clips: Clip, labels: jax.Array,
                 order: jax.Array, *, learning_rate: float, momentum: float = 0.0,
-                remat: bool = False) -> Params:
-  """Params after one SGD step (optax.sgd) per row of `order` [steps, b] on
-  (clips[order[i]], labels[order[i]]), mean cross-entropy; a `lax.scan`, differentiable w.r.t.
-  clips. `remat`: recompute each step's activations in the backward pass (memory ~ one step)."""
+                remat: bool = False, step_grad: StepGrad | None = None) -> Params:
+  """Params after one SGD step (optax.sgd) per row i of `order` [steps, b] on
+  (clips[order[i]], labels[order[i]]) with gradient `step_grad` (default `mean_ce_grad`); a
+  `lax.scan`, differentiable w.r.t. clips. `remat`: recompute each step's activations in the
+  backward pass (memory ~ one step)."""
   optimizer = optax.sgd(learning_rate, momentum=momentum or None)
+  step_grad = step_grad or mean_ce_grad(apply_fn)
 
-  def one_step(carry, idx):
+  def one_step(carry, step_and_idx):
     p, opt_state = carry
-    g = jax.grad(lambda q: cross_entropy(apply_fn(q, clips[idx]), labels[idx]))(p)
-    updates, opt_state = optimizer.update(g, opt_state, p)
+    step, idx = step_and_idx
+    updates, opt_state = optimizer.update(step_grad(p, clips[idx], labels[idx], step),
+                                          opt_state, p)
     return (optax.apply_updates(p, updates), opt_state), None
 
   if remat:
     one_step = jax.checkpoint(one_step)
-  (trained, _), _ = jax.lax.scan(one_step, (params, optimizer.init(params)), jnp.asarray(order))
+  order = jnp.asarray(order)
+  steps = jnp.arange(order.shape[0], dtype=jnp.int32)
+  (trained, _), _ = jax.lax.scan(one_step, (params, optimizer.init(params)), (steps, order))
   return trained
 
 
 def fedavg_update(apply_fn: ApplyFn, params: Params, clips: Clip, labels: Labels, *,
                   local: LocalTraining = LocalTraining(), key: jax.Array | None = None,
-                  order: jax.Array | np.ndarray | None = None, remat: bool = False) -> Grads:
+                  order: jax.Array | np.ndarray | None = None, remat: bool = False,
+                  step_grad: StepGrad | None = None) -> Grads:
   """FedAvg update, params_before − params_after, of a client's local training on its clips.
 
   `clips` [B,...] and `labels` [B] as in `client_update` (checked once, outside the loop).
   The mini-batch `order` [steps, b] is drawn from `key` (see `minibatch_order`) unless given.
+  `step_grad`: each step's gradient (default: the mini-batch's mean cross-entropy's).
   """
   clips, labels = check_update_inputs(apply_fn, params, clips, labels)
   if order is None:
@@ -104,37 +120,42 @@ def fedavg_update(apply_fn: ApplyFn, params: Params, clips: Clip, labels: Labels
   elif np.ndim(order) != 2 or np.shape(order)[0] < 1:
     raise ValueError(f"order must be clip indices [steps, b], got shape {np.shape(order)}")
   trained = local_train(apply_fn, params, clips, labels, order, learning_rate=local.lr,
-                        momentum=local.momentum, remat=remat)
+                        momentum=local.momentum, remat=remat, step_grad=step_grad)
   return jax.tree.map(jnp.subtract, params, trained)
 
 
 APPROXIMATIONS = ("order", "full_batch", "fedsgd")  # what the attacker assumes of a FedAvg round
 
+# The step gradient of a model: apply_fn -> StepGrad (e.g. `mean_ce_grad`, DP-SGD's noise-free
+# clipped mean `fl.privacy.clipped_mean_grad(C)`).
+StepGradFactory = Callable[[ApplyFn], StepGrad]
+
 
 def replay(local: LocalTraining, *, order: jax.Array | np.ndarray | None = None,
-           approximation: str = "order", remat: bool = False) -> UpdateFn:
+           approximation: str = "order", remat: bool = False,
+           step_grad: StepGradFactory = mean_ce_grad) -> UpdateFn:
   """The attacker's model of the client's update, for `gradient_matching_loss(update_fn=...)`.
 
   approximation "order": replay the client's local training with the mini-batch `order` (known
   to the attacker; None = in order every epoch). "full_batch" (the order is unknown): the same
-  number of SGD steps, each on all B candidate clips. "fedsgd": one gradient scaled by
-  lr × steps (what a FedSGD attack implicitly assumes).
+  number of SGD steps, each on all B candidate clips. "fedsgd": one step's gradient on all B
+  clips scaled by lr × steps (what a FedSGD attack implicitly assumes). Every step's gradient is
+  `step_grad(apply_fn)`'s (default: the mean cross-entropy's).
   """
-  if approximation == "order":
-    return functools.partial(fedavg_update, local=local, order=order, remat=remat)
-  if approximation == "full_batch":
-    return functools.partial(_replay_full_batch, local=local, remat=remat)
-  if approximation == "fedsgd":
-    return functools.partial(_fedsgd_scaled, local=local)
-  raise ValueError(f"approximation={approximation!r}; valid: {', '.join(APPROXIMATIONS)}")
+  if approximation not in APPROXIMATIONS:
+    raise ValueError(f"approximation={approximation!r}; valid: {', '.join(APPROXIMATIONS)}")
 
+  def update(apply_fn, params, clips, labels):
+    grad = step_grad(apply_fn)
+    if approximation == "fedsgd":
+      clips, labels = check_update_inputs(apply_fn, params, clips, labels)
+      scale = local.lr * local.steps(clips.shape[0])
+      return jax.tree.map(lambda g: scale * g, grad(params, clips, labels, jnp.int32(0)))
+    steps_order = order
+    if approximation == "full_batch":
+      steps_order = np.tile(np.arange(clips.shape[0], dtype=np.int32),
+                            (local.steps(clips.shape[0]), 1))
+    return fedavg_update(apply_fn, params, clips, labels, local=local, order=steps_order,
+                         remat=remat, step_grad=grad)
 
-def _replay_full_batch(apply_fn, params, clips, labels, *, local, remat):
-  steps = local.steps(clips.shape[0])
-  order = np.tile(np.arange(clips.shape[0], dtype=np.int32), (steps, 1))
-  return fedavg_update(apply_fn, params, clips, labels, local=local, order=order, remat=remat)
-
-
-def _fedsgd_scaled(apply_fn, params, clips, labels, *, local):
-  scale = local.lr * local.steps(clips.shape[0])
-  return jax.tree.map(lambda g: scale * g, client_update(apply_fn, params, clips, labels))
+  return update

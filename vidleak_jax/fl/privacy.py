@@ -1,5 +1,6 @@
 """Differential privacy at the client: DP-SGD's update (per-example gradient clipping plus Gaussian
-noise, Abadi et al. 2016) and its privacy accountant.
+noise, Abadi et al. 2016), as one FedSGD step (`dp_client_update`) or as the local training of a
+FedAvg client (`dp_fedavg_update`: every local step clipped and noised), and its accountant.
 
 The mechanism is written here with `jax.vmap(jax.grad)` over the client's examples (a few lines,
 pure, differentiable w.r.t. the clips so an attacker can replay its noise-free part), rather
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from vidleak_jax.fl.defenses import gaussian_like, global_norm
+from vidleak_jax.fl.local import LocalTraining, StepGrad, fedavg_update
 from vidleak_jax.fl.updates import check_update_inputs, cross_entropy
 from vidleak_jax.settings import check
 from vidleak_jax.types import ApplyFn, Clip, Grads, Labels, Params
@@ -68,6 +70,53 @@ def dp_client_update(apply_fn: ApplyFn, params: Params, clips: Clip, labels: Lab
   std, batch = noise_multiplier * clip_norm, clips.shape[0]
   return jax.tree.map(lambda g, z: (g + (std * z).astype(g.dtype)) / batch, total,
                       gaussian_like(key, total))
+
+
+def clipped_sum(grads: Grads, clip_norm: float) -> Grads:
+  """sum_i clip_C(g_i) of per-example grads [B, ...] (leaves), as a contraction of the B
+  scales with the gradients: the same sum (to rounding) as summing `clip_per_example`'s, which
+  XLA:CPU (jaxlib 0.10.2) crashes on (SIGSEGV) when an attack vmaps its gradient over
+  candidates."""
+  norms = jax.vmap(global_norm)(grads)
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))  # [B]
+  return jax.tree.map(lambda g: jnp.tensordot(scale.astype(g.dtype), g, axes=1), grads)
+
+
+def dp_step_grad(apply_fn: ApplyFn, *, clip_norm: float, noise_multiplier: float,
+                 key: jax.Array | None) -> StepGrad:
+  """DP-SGD's step gradient for `fl.local_train`: (sum_i clip_C(g_i) + N(0, (σC)² I)) / b over
+  the step's b examples, the noise drawn from fold_in(key, step). key=None: no noise (the
+  attacker's replay of the noise-free part; σ is then ignored)."""
+  _check_positive(clip_norm, "clip_norm", allow_zero=False)
+  _check_positive(noise_multiplier, "noise_multiplier", allow_zero=True)
+
+  def grad(params, clips, labels, step):
+    total = clipped_sum(per_example_grads(apply_fn, params, clips, labels), clip_norm)
+    if key is not None:
+      noise = gaussian_like(jax.random.fold_in(key, step), total)
+      total = jax.tree.map(lambda g, z: g + (noise_multiplier * clip_norm * z).astype(g.dtype),
+                           total, noise)
+    return jax.tree.map(lambda g: g / clips.shape[0], total)
+
+  return grad
+
+
+def clipped_mean_grad(clip_norm: float):
+  """Factory apply_fn -> DP-SGD's noise-free step gradient (the mean of the clipped
+  per-example gradients), for `fl.replay(step_grad=...)`."""
+  return lambda apply_fn: dp_step_grad(apply_fn, clip_norm=clip_norm, noise_multiplier=0.0,
+                                       key=None)
+
+
+def dp_fedavg_update(apply_fn: ApplyFn, params: Params, clips: Clip, labels: Labels, *,
+                     local: LocalTraining, order: jax.Array, key: jax.Array | None,
+                     clip_norm: float, noise_multiplier: float) -> Grads:
+  """A FedAvg client's delta after DP-SGD local training: `fl.fedavg_update` in mini-batch
+  `order` [steps, b] whose every step uses `dp_step_grad` (step s's noise from fold_in(key, s)).
+  With E = 1 and b = B (one full-batch step) it is local.lr × `dp_client_update`'s formula."""
+  grad = dp_step_grad(apply_fn, clip_norm=clip_norm, noise_multiplier=noise_multiplier, key=key)
+  return fedavg_update(apply_fn, params, clips, labels, local=local, order=order,
+                       step_grad=grad)
 
 
 def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:

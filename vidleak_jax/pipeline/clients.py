@@ -60,7 +60,7 @@ def _dp_sgd(cfg: RunConfig) -> dict[str, Any] | None:
 
 def _option(cfg: RunConfig, name: str) -> dict[str, Any] | None:
   """The settings of client option `name` (dp_sgd, soteria) in cfg.defenses, else None."""
-  return dict(parse_defenses(cfg.defenses, update=cfg.update)).get(name)
+  return dict(parse_defenses(cfg.defenses)).get(name)
 
 
 def update_transforms(cfg: RunConfig) -> list[tuple[str, fl.Defense]]:
@@ -96,11 +96,17 @@ def soteria_updates(cfg: RunConfig, apply_fn: ApplyFn, params: Params, clips: ja
   return jax.jit(jax.vmap(one))(clips, updates)
 
 
+def _dp_keys(cfg: RunConfig) -> jax.Array:
+  """Each attacked client's DP-SGD noise key [N]: client i's is fold_in(keys["dp_sgd"], i)."""
+  root = rundir.keys(cfg.seed)["dp_sgd"]
+  return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.arange(cfg.clients))
+
+
 def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
   """What the server sees of the attacked round, like params: the mean of the N clients'
   updates (FedSGD gradients or FedAvg deltas), each on its B clips, each after the client's
-  `cfg.defenses` (client i: DP-SGD's noise from fold_in(keys["dp_sgd"], i), Soteria on its
-  clips, then the update transforms from `defense_key(cfg, i)`)."""
+  `cfg.defenses` (client i: DP-SGD in every step, its noise from `_dp_keys(cfg)[i]`, Soteria on
+  its clips, then the update transforms from `defense_key(cfg, i)`)."""
   n = cfg.clients
   clips = clips.reshape(n, cfg.batch_size, *clips.shape[1:])
   labels = labels.reshape(n, cfg.batch_size, *labels.shape[1:])
@@ -110,21 +116,21 @@ def client_side(cfg: RunConfig, apply_fn, params, clips, labels):
     def dp_sgd(apply_fn, params, c, l, k):
       return fl.dp_client_update(apply_fn, params, c, l, key=k, **dp)
 
-    dp_root = rundir.keys(cfg.seed)["dp_sgd"]
-    dp_keys = jax.vmap(lambda i: jax.random.fold_in(dp_root, i))(jnp.arange(n))
     updates = jax.jit(jax.vmap(dp_sgd, in_axes=(None, None, 0, 0, 0)), static_argnums=0)(
-        apply_fn, params, clips, labels, dp_keys)
+        apply_fn, params, clips, labels, _dp_keys(cfg))
   elif cfg.update == "fedsgd":
     updates = jax.jit(jax.vmap(fl.client_update, in_axes=(None, None, 0, 0)), static_argnums=0)(
         apply_fn, params, clips, labels)
   else:
     local = cfg.local
 
-    def fedavg(apply_fn, params, c, l, o):
-      return fl.fedavg_update(apply_fn, params, c, l, local=local, order=o)
+    def fedavg(apply_fn, params, c, l, o, k):
+      if dp is None:
+        return fl.fedavg_update(apply_fn, params, c, l, local=local, order=o)
+      return fl.dp_fedavg_update(apply_fn, params, c, l, local=local, order=o, key=k, **dp)
 
-    updates = jax.jit(jax.vmap(fedavg, in_axes=(None, None, 0, 0, 0)), static_argnums=0)(
-        apply_fn, params, clips, labels, client_orders(cfg))
+    updates = jax.jit(jax.vmap(fedavg, in_axes=(None, None, 0, 0, 0, 0)), static_argnums=0)(
+        apply_fn, params, clips, labels, client_orders(cfg), _dp_keys(cfg))
   if _option(cfg, SOTERIA) is not None:
     updates = soteria_updates(cfg, apply_fn, params, clips, updates)
   per_client = [jax.tree.map(lambda u, i=i: u[i], updates) for i in range(n)]
@@ -149,23 +155,16 @@ def match_support(cfg: RunConfig, shared: Grads) -> Grads | None:
   """Where the attack matches the shared update: its support (`fl.support`, a bool pytree like
   it) when a client defence sparsifies (top_k, prune, random_mask, soteria: a zero there was not
   sent), else None (everywhere). With N clients it is the union of their supports."""
-  names = {name for name, _ in parse_defenses(cfg.defenses, update=cfg.update)}
+  names = {name for name, _ in parse_defenses(cfg.defenses)}
   return fl.support(shared) if names & (fl.defenses.SPARSIFYING | {SOTERIA}) else None
 
 
-def _dp_sgd_mean(clip_norm: float) -> fl.UpdateFn:
-  """DP-SGD's update without its noise: the mean of the B per-example gradients, each clipped
-  to L2 norm <= clip_norm."""
+def _one_step(step_grad) -> fl.UpdateFn:
+  """A FedSGD client's update: one step's gradient (`step_grad(apply_fn)`) on all its clips."""
 
   def update(apply_fn, params, clips, labels):
-    grads = fl.privacy.per_example_grads(apply_fn, params, clips, labels)  # [B, ...] leaves
-    norms = jax.vmap(fl.defenses.global_norm)(grads)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-30))  # [B]
-    # sum_i scale_i g_i as a contraction: the same sum (to rounding) as `clip_per_example`'s
-    # broadcast product, which XLA:CPU (jaxlib 0.10.2) crashes on (SIGSEGV) when the attack
-    # vmaps the gradient of this replay over candidates.
-    return jax.tree.map(lambda g: jnp.tensordot(scale.astype(g.dtype), g, axes=1) / g.shape[0],
-                        grads)
+    clips, labels = fl.updates.check_update_inputs(apply_fn, params, clips, labels)
+    return step_grad(apply_fn)(params, clips, labels, jnp.int32(0))
 
   return update
 
@@ -207,19 +206,23 @@ def attacker_update_fn(cfg: RunConfig, *, support: Grads | None = None) -> fl.Up
     clip_and_noise             each client's replayed update is clipped to the same norm C (its
                                noise, mean zero, is left out); cosine alone is scale-invariant,
                                but not across N > 1 clients or after other defences
-    dp_sgd                     the mean of the per-example gradients, each clipped to C (DP-SGD's
-                               noise-free part)
+    dp_sgd                     every step's gradient is the mean of the per-example gradients,
+                               each clipped to C (DP-SGD's noise-free part)
   Without defences: exactly the update_fn of an undefended run."""
   dp = _dp_sgd(cfg)
+  step_grad = fl.local.mean_ce_grad if dp is None else fl.privacy.clipped_mean_grad(
+      dp["clip_norm"])
   if cfg.update == "fedsgd":
-    fns = [fl.client_update if dp is None else _dp_sgd_mean(dp["clip_norm"])] * cfg.clients
+    fns = [fl.client_update if dp is None else _one_step(step_grad)] * cfg.clients
   else:
     remat = cfg.local.steps(cfg.batch_size) >= REMAT_LOCAL_STEPS
     if cfg.attack.replay != "order":
-      fns = [fl.replay(cfg.local, approximation=cfg.attack.replay, remat=remat)] * cfg.clients
+      fns = [fl.replay(cfg.local, approximation=cfg.attack.replay, remat=remat,
+                       step_grad=step_grad)] * cfg.clients
     else:
-      fns = [fl.replay(cfg.local, order=order, remat=remat) for order in client_orders(cfg)]
-  chain = [(n, s) for n, s in parse_defenses(cfg.defenses, update=cfg.update) if n != DP_SGD]
+      fns = [fl.replay(cfg.local, order=order, remat=remat, step_grad=step_grad)
+             for order in client_orders(cfg)]
+  chain = [(n, s) for n, s in parse_defenses(cfg.defenses) if n != DP_SGD]
   return fl.aggregated([_defended(fn, chain, support) for fn in fns])
 
 

@@ -31,10 +31,10 @@ PIPELINES = ("frames", "features")
 FEATURE_ATTACKS = ("analytic", "matching", "subspace", "end_to_end")
 UPDATES = ("fedsgd", "fedavg")
 # Client options in `defenses` besides the update transforms of `fl.DEFENSES`, with their
-# settings: DP-SGD's FedSGD update (per-example clipping + Gaussian noise,
-# `fl.privacy.dp_client_update`; first in the chain) and Soteria's pruning of the classifier's
-# representation (`fl.soteria`; it reads the client's clips and model, so it comes before the
-# update transforms).
+# settings: DP-SGD (per-example clipping + Gaussian noise in every step the client takes:
+# `fl.dp_client_update` under FedSGD, `fl.dp_fedavg_update` under FedAvg; first in the chain)
+# and Soteria's pruning of the classifier's representation (`fl.soteria`; it reads the client's
+# clips and model, so it comes before the update transforms).
 DP_SGD = "dp_sgd"
 SOTERIA = "soteria"
 CLIENT_OPTIONS = {DP_SGD: ("clip_norm", "noise_multiplier"), SOTERIA: ("percent",)}
@@ -64,12 +64,12 @@ def _check_client_option(name: str, settings: dict[str, Any]) -> None:
           f"(pruned share of the features, %) must be in [0, 100), got {settings['percent']}")
 
 
-def parse_defenses(specs: Sequence[str], *, update: str = "fedsgd") -> Defenses:
+def parse_defenses(specs: Sequence[str]) -> Defenses:
   """The defences `specs` name, in order, as (name, settings) pairs: each spec is "name" or
   "name:key=value:key=value" (`fl.defenses.parse_spec`), checked by building it. InvalidChoice
   naming `defenses` (and listing the valid names) for an unknown name, InvalidSetting for a
-  malformed spec, a bad setting, dp_sgd anywhere but first or with update="fedavg", or soteria
-  after an update transform."""
+  malformed spec, a bad setting, dp_sgd anywhere but first, or soteria after an update
+  transform."""
   if isinstance(specs, str):
     raise InvalidSetting("defenses", f"defenses must be a sequence of specs, got the string "
                          f"{specs!r} (split it at its commas)")
@@ -95,12 +95,6 @@ def parse_defenses(specs: Sequence[str], *, update: str = "fedsgd") -> Defenses:
     if name == SOTERIA and any(n not in CLIENT_OPTIONS for n, _ in out):
       raise InvalidSetting("defenses", f"defenses: {spec!r} must come before the update "
                            "transforms: it prunes the update the client computed")
-    if name == DP_SGD and update != "fedsgd":
-      raise InvalidSetting("defenses", f"defenses: {spec!r} needs update='fedsgd': DP-SGD in "
-                           "FedAvg clips and noises every local step's per-example gradients, "
-                           "which fl.fedavg_update (and the attacker's replay) do not implement; "
-                           "clip_and_noise clips and noises the whole delta (DP-FedAvg's client "
-                           "side)")
     out.append((name, settings))
   return tuple(out)
 
@@ -212,8 +206,8 @@ class RunConfig:
       (), help="Defences every attacked client applies to its update before aggregation, in "
       "order, comma-separated: name or name:key=value:key=value (e.g. "
       "top_k:fraction=0.1,int8 or clip_and_noise:clip_norm=1:noise_multiplier=0.01); names: "
-      f"{', '.join(defense_names())} (dp_sgd:clip_norm=C:noise_multiplier=s: DP-SGD's FedSGD "
-      "update, first only). The attacker knows them and adapts (README: Defences).")
+      f"{', '.join(defense_names())} (dp_sgd:clip_norm=C:noise_multiplier=s: DP-SGD in "
+      "every step the client takes, first only). The attacker knows them and adapts (README: Defences).")
   train: TrainConfig = setting(TrainConfig(), help="The train stage.")
   victim_weights: str | None = setting(
       None, help="Attack a model trained elsewhere: a .safetensors or .npz file of the victim's "
@@ -259,7 +253,7 @@ class RunConfig:
         self.local.minibatch(clips)
       except ValueError as e:
         raise InvalidSetting("local.batch_size", str(e)) from None
-    parse_defenses(self.defenses, update=self.update)
+    parse_defenses(self.defenses)
     check(self.gif_fps >= 0.1, "gif_fps", f"must be >= 0.1, got {self.gif_fps}")
     check(self.sr.method in ("none", "bicubic", "lanczos3") or self.clip_shape[3] == 3, "sr",
           f"method {self.sr.method!r}: its networks are trained on RGB frames; clips have "

@@ -8,11 +8,11 @@ and written to train.json at the end; the global model is checkpointed with orba
 `weights.attacked_weights` reads it).
 
 The population's clients defend their updates as the attacked round's clients do (`defenses`:
-the utility of a defence is the test accuracy of the model trained under it): under dp_sgd each
-takes one DP-SGD step (lr `local.lr`) on all its clips per round, and train.json adds the ε that
-dp-accounting's RDP accountant gives those rounds at δ = DP_DELTA (every client's clips are used
-in every round: sampling rate 1, no amplification); soteria prunes its delta's classifier rows;
-the update transforms follow, with keys of their own.
+the utility of a defence is the test accuracy of the model trained under it): under dp_sgd every
+local step clips and noises its per-example gradients (`fl.dp_fedavg_update`), and train.json
+adds the ε that dp-accounting's RDP accountant gives all those steps at δ = DP_DELTA
+(`training_epsilon`); soteria prunes its delta's classifier rows; the update transforms follow,
+with keys of their own.
 """
 
 from __future__ import annotations
@@ -40,18 +40,17 @@ DP_DELTA = 1e-5  # δ at which train.json reports the training's ε under dp_sgd
 def defended_client(cfg: RunConfig, apply_fn: ApplyFn, params: Params
                     ) -> fl.ClientFn | None:
   """What a training client shares under cfg.defenses (None: the undefended FedAvg delta)."""
-  chain = dict(parse_defenses(cfg.defenses, update=cfg.update))
+  chain = dict(parse_defenses(cfg.defenses))
   if not chain:
     return None
   transforms = [d for _, d in clients.update_transforms(cfg)]
   dp, sot = chain.get(DP_SGD), chain.get(SOTERIA)
   kernel = clients.classifier_kernel(cfg, apply_fn, params) if sot else None
-  lr = cfg.local.lr
 
   def client(p, c, l, order, key):
     if dp is not None:
-      delta = jax.tree.map(lambda g: lr * g, fl.dp_client_update(
-          apply_fn, p, c, l, key=jax.random.fold_in(key, 1), **dp))
+      delta = fl.dp_fedavg_update(apply_fn, p, c, l, local=cfg.local, order=order,
+                                  key=jax.random.fold_in(key, 1), **dp)
     else:
       delta = fl.fedavg_update(apply_fn, p, c, l, local=cfg.local, order=order)
     if sot is not None:
@@ -62,11 +61,17 @@ def defended_client(cfg: RunConfig, apply_fn: ApplyFn, params: Params
 
 
 def training_epsilon(cfg: RunConfig) -> float | None:
-  """ε at DP_DELTA of `train.rounds` DP-SGD rounds (sampling rate 1), or None without dp_sgd."""
-  dp = dict(parse_defenses(cfg.defenses, update=cfg.update)).get(DP_SGD)
+  """ε at DP_DELTA of the `train` stage's DP-SGD (None without dp_sgd): every client takes
+  `local.steps(n)` noised steps per round over `train.rounds` rounds, each on b of its n clips,
+  accounted as Poisson sampling at rate b / n (the usual reading of shuffled mini-batches; 1 for
+  full-batch FedSGD, no amplification)."""
+  dp = dict(parse_defenses(cfg.defenses)).get(DP_SGD)
   if dp is None:
     return None
-  return fl.epsilon(dp["noise_multiplier"], 1.0, cfg.train.rounds, DP_DELTA)
+  n = cfg.train.client_clips
+  rate = cfg.local.minibatch(n) / n
+  return fl.epsilon(dp["noise_multiplier"], rate, cfg.train.rounds * cfg.local.steps(n),
+                    DP_DELTA)
 
 
 def _clips(cfg: RunConfig, key: jax.Array, groups: int, per_group: int
