@@ -13,7 +13,7 @@ another process holds is skipped, an interrupted one resumes):
            (DP-SGD in every local step); its test accuracy.
 The markdown table (mean ± std over seeds) and a leakage-against-utility plot are rewritten after
 every run. Secure aggregation leaves the trained model unchanged (its utility is the undefended
-one's).
+one's); Soteria's utility is trained on a smaller model only (SMALL_UTILITY).
 """
 
 from __future__ import annotations
@@ -82,7 +82,12 @@ FEATURE_CELLS = ("none", "dp_sgd_0.0001", "dp_sgd_0.001", "dp_sgd_0.01", "prune_
 FEATURE_METRICS = (("feature_rel_error_mean", "feature rel. error", 3),
                    ("feature_cosine_mean", "feature cosine", 3), ("psnr_mean", "PSNR (dB)", 2),
                    ("label_accuracy", "label acc.", 2))
-NO_UTILITY = {"secagg_4": "= none"}
+NO_UTILITY = {"secagg_4": "= none", "soteria_50": "small model:", "soteria_80": "small model:"}
+# Cells whose utility is also (Soteria: only) trained on SMALL, a ReLU C3D whose classifier reads
+# 512 features instead of 4,608: Soteria's exact Jacobian takes one reverse pass per feature,
+# ~330 s per client and round for the standard model on 2 busy CPU cores (22 h a run), 1.8 s here.
+SMALL_UTILITY = ("none", "soteria_50", "soteria_80")
+SMALL = {"clip_shape": (8, 16, 16, 3), "features": 8}
 
 
 def _base(workdir: str, seed: int, data: str, **fields: Any) -> pipeline.RunConfig:
@@ -102,11 +107,19 @@ def leakage_config(name: str, data: str, seed: int) -> pipeline.RunConfig:
                clients=cell.clients, defenses=cell.defenses)
 
 
-def utility_config(name: str, seed: int) -> pipeline.RunConfig:
-  return _base(os.path.join(FLAGS.out, "utility", name, f"seed{seed}"), seed, "synthetic",
-               victim_kwargs={"features": 32, "activation": "relu"}, stages=("train",),
-               train=TrainConfig(rounds=FLAGS.rounds, clients=8, client_clips=8, test_clips=128),
-               local=studies.RELU_LOCAL, defenses=CELLS[name].defenses)
+def utility_config(name: str, seed: int, *, small: bool = False) -> pipeline.RunConfig:
+  """The cell's utility run: the ReLU C3D (32 features, 8×24×24 clips; `small`: SMALL's) trained
+  under its defence."""
+  config = _base(os.path.join(FLAGS.out, "utility_small" if small else "utility", name,
+                              f"seed{seed}"), seed, "synthetic",
+                 victim_kwargs={"features": 32, "activation": "relu"}, stages=("train",),
+                 train=TrainConfig(rounds=FLAGS.rounds, clients=8, client_clips=8,
+                                   test_clips=128),
+                 local=studies.RELU_LOCAL, defenses=CELLS[name].defenses)
+  if not small:
+    return config
+  return dataclasses.replace(config, clip_shape=SMALL["clip_shape"],
+                             victim_kwargs={**config.victim_kwargs, "features": SMALL["features"]})
 
 
 def feature_config(name: str, seed: int) -> pipeline.RunConfig:
@@ -133,7 +146,8 @@ def _json(cfg: pipeline.RunConfig, name: str) -> dict:
 
 def collect() -> tuple[dict, dict]:
   """((data, cell) -> [metrics per finished seed], cell -> [train.json per finished seed]); the
-  feature pipeline's runs under data "features"."""
+  feature pipeline's runs under data "features", the SMALL model's utility under ("small",
+  cell)."""
   leaks: dict = {}
   utility: dict = {}
   for name in CELLS:
@@ -148,6 +162,9 @@ def collect() -> tuple[dict, dict]:
       cfg = utility_config(name, seed)
       if name not in NO_UTILITY and _finished(cfg):
         utility.setdefault(name, []).append(_json(cfg, train.TRAIN_FILE))
+      cfg = utility_config(name, seed, small=True)
+      if name in SMALL_UTILITY and _finished(cfg):
+        utility.setdefault(("small", name), []).append(_json(cfg, train.TRAIN_FILE))
   return leaks, utility
 
 
@@ -164,6 +181,21 @@ def _epsilons(name: str) -> tuple[str, str]:
   attacked = dataclasses.replace(leakage_config(name, FLAGS.sources[0], 0),
                                  train=TrainConfig(rounds=1, client_clips=1))
   return _epsilon(attacked), _epsilon(utility_config(name, 0))
+
+
+def _accuracies(utility: dict, name: str, family: str = "") -> list[float]:
+  """Final test accuracies of the cell's utility runs: the SMALL model's for Soteria's cells, and
+  for "none" on Soteria's curve (`family`); secure aggregation's are the undefended model's."""
+  small = name.startswith("soteria") or (name == "none" and family.startswith("Soteria"))
+  key = ("small", name) if small else ("none" if name == "secagg_4" else name)
+  return [t["final_test_accuracy"] for t in utility.get(key, [])]
+
+
+def _accuracy_cell(name: str, utility: dict) -> str:
+  acc = studies.summary(_accuracies(utility, name), 2)
+  if name in SMALL_UTILITY and name != "none":
+    return f"{NO_UTILITY[name]} {acc}"
+  return NO_UTILITY.get(name) or acc
 
 
 def write_table(leaks: dict, utility: dict) -> None:
@@ -196,10 +228,13 @@ def write_table(leaks: dict, utility: dict) -> None:
               for k, _, d in METRICS[:2]]
     row += [studies.summary([m[k] for m in leaks.get((FLAGS.sources[0], name), [])], d)
             for k, _, d in METRICS[2:]]
-    row.append(NO_UTILITY.get(name) or studies.summary(
-        [t["final_test_accuracy"] for t in utility.get(name, [])], 2))
+    row.append(_accuracy_cell(name, utility))
     row += list(_epsilons(name))
     lines.append("| " + " | ".join(row) + " |")
+  lines += ["", f"Small model (Soteria's utility): the ReLU C3D with {SMALL['features']} features "
+            f"on {'×'.join(map(str, SMALL['clip_shape']))} clips (512 classifier inputs), "
+            f"trained the same way; undefended it reaches "
+            f"{studies.summary(_accuracies(utility, 'none', 'Soteria'), 2)} test accuracy."]
   if any(data == "features" for data, _ in leaks):
     lines += ["", "## Feature pipeline", "",
               "The features_resnet_small preset (4×32×32 clips, a per-frame ResNet pre-trained "
@@ -220,8 +255,6 @@ def write_table(leaks: dict, utility: dict) -> None:
   curves: dict = {}
   data = FLAGS.sources[0]
   for name, cell in CELLS.items():
-    source = "none" if name == "secagg_4" else name  # secure aggregation trains the same model
-    acc = [t["final_test_accuracy"] for t in utility.get(source, [])]
     runs = leaks.get((data, name), [])
     leak = {key: [m[key] for m in runs] for key in ("psnr_mean", "lpips_mean")}
     eps = _epsilons(name)[1]
@@ -229,7 +262,7 @@ def write_table(leaks: dict, utility: dict) -> None:
     families = ({cell.family} if name != "none" else
                 {c.family for c in CELLS.values() if c.family != "none"})
     for family in sorted(families):
-      curves.setdefault(family, []).append((label, acc, leak))
+      curves.setdefault(family, []).append((label, _accuracies(utility, name, family), leak))
   vio.write_bytes(plot, plots.tradeoff_png(curves, [
       ("psnr_mean", f"leakage: PSNR (dB), {_short(data)}"),
       ("lpips_mean", f"leakage: LPIPS (lower: closer), {_short(data)}")]))
@@ -272,7 +305,7 @@ def findings(leaks: dict, utility: dict) -> list[str]:
   noises = [n for n in CELLS if n.startswith("dp_sgd_") and n != "dp_sgd_0"
             and gain(n) is not None]
   stopping = [n for n in noises if gain(n) < STOPPED_DB]
-  accuracy = lambda name: [t["final_test_accuracy"] for t in utility.get(name, [])]
+  accuracy = lambda name: _accuracies(utility, name)
   base, clip_only = accuracy("none"), accuracy("dp_sgd_0")
   if stopping and base and accuracy(stopping[0]):
     acc = accuracy(stopping[0])
@@ -305,6 +338,7 @@ def main(argv):
       for data in FLAGS.sources:
         leakage_config(name, data, 0)  # RunConfig validates every setting
       utility_config(name, 0)
+      utility_config(name, 0, small=True)
   except (KeyError, ValueError, app.UsageError) as e:
     raise app.UsageError(str(e).strip("'\"")) from None
   if FLAGS.table_only:
@@ -319,6 +353,8 @@ def main(argv):
         runs.append(feature_config(name, seed))
       if FLAGS.utility and name not in NO_UTILITY:
         runs.append(utility_config(name, seed))
+      if FLAGS.utility and name in SMALL_UTILITY:
+        runs.append(utility_config(name, seed, small=True))
       for cfg in runs:
         try:
           pipeline.run_or_reuse(cfg)

@@ -20,6 +20,7 @@ out = {}
 for name, cell in d.CELLS.items():
   leak = d.leakage_config(name, "synthetic", 2)
   util = d.utility_config(name, 2)
+  small = d.utility_config(name, 2, small=True)
   out[name] = dict(
       family=cell.family, value=cell.value, leak_defenses=parse_defenses(leak.defenses),
       util_defenses=parse_defenses(util.defenses), clients=leak.clients,
@@ -27,7 +28,9 @@ for name, cell in d.CELLS.items():
       util_act=util.victim_kwargs["activation"], stages=list(util.stages),
       rounds=util.train.rounds, seeds=[leak.seed, util.seed],
       local=[util.local.epochs, util.local.batch_size, util.local.lr], leak_update=leak.update,
-      eps=d._epsilons(name),
+      eps=d._epsilons(name), standard_utility=name not in d.NO_UTILITY,
+      small=[list(small.clip_shape), small.victim_kwargs, parse_defenses(small.defenses),
+             small.workdir] if name in d.SMALL_UTILITY else None,
       dirs=[leak.workdir, util.workdir])
   if name in d.FEATURE_CELLS:
     feat = d.feature_config(name, 2)
@@ -53,6 +56,14 @@ def test_every_cell_attacks_and_trains_under_the_defence_it_names(tmp_path):
     assert cell["batch"] == 1 and cell["stages"] == ["train"] and cell["rounds"] == 30
     assert cell["local"] == [2, 2, 0.05] and cell["leak_update"] == "fedsgd"  # FedAvg utility
     assert cell["clients"] == (4 if name == "secagg_4" else 1)
+    # Soteria's utility: only on the small model (its exact Jacobian), next to an undefended one.
+    assert cell["standard_utility"] == (not name.startswith(("soteria", "secagg")))
+    if name.startswith("soteria") or name == "none":
+      shape, kwargs, defenses, workdir = cell["small"]
+      assert shape == [8, 16, 16, 3] and kwargs == {"features": 8, "activation": "relu"}
+      assert defenses == cell["leak_defenses"] and workdir.startswith(f"{out}/utility_small/")
+    else:
+      assert cell["small"] is None
     names = [n for n, _ in cell["leak_defenses"]]
     if name.startswith(("dp_sgd", "prune", "soteria")):
       family, strength = name.rsplit("_", 1)
