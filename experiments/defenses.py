@@ -262,7 +262,8 @@ def write_table(leaks: dict, utility: dict) -> None:
     families = ({cell.family} if name != "none" else
                 {c.family for c in CELLS.values() if c.family != "none"})
     for family in sorted(families):
-      curves.setdefault(family, []).append((label, _accuracies(utility, name, family), leak))
+      curve = family + (" (utility: small model)" if family.startswith("Soteria") else "")
+      curves.setdefault(curve, []).append((label, _accuracies(utility, name, family), leak))
   vio.write_bytes(plot, plots.tradeoff_png(curves, [
       ("psnr_mean", f"leakage: PSNR (dB), {_short(data)}"),
       ("lpips_mean", f"leakage: LPIPS (lower: closer), {_short(data)}")]))
