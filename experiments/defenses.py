@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import cli, config_flags, studies
-from vidleak_jax import attack, fl, pipeline, report
+from vidleak_jax import attack, pipeline, report
 from vidleak_jax import io as vio
 from vidleak_jax.pipeline import rundir, train
 from vidleak_jax.pipeline.config import TrainConfig

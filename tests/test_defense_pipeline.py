@@ -15,7 +15,7 @@ import vidleak_jax as vl
 from experiments import config_flags
 from tests.conftest import ROOT, run_main, tiny_batch, tiny_victim
 from vidleak_jax import io as vio
-from vidleak_jax import pipeline, settings
+from vidleak_jax import pipeline
 from vidleak_jax.pipeline import clients
 from vidleak_jax.tree_io import flatten_tree
 
