@@ -82,11 +82,13 @@ FEATURE_CELLS = ("none", "dp_sgd_0.0001", "dp_sgd_0.001", "dp_sgd_0.01", "prune_
 FEATURE_METRICS = (("feature_rel_error_mean", "feature rel. error", 3),
                    ("feature_cosine_mean", "feature cosine", 3), ("psnr_mean", "PSNR (dB)", 2),
                    ("label_accuracy", "label acc.", 2))
-NO_UTILITY = {"secagg_4": "= none", "soteria_50": "small model:", "soteria_80": "small model:"}
-# Cells whose utility is also (Soteria: only) trained on SMALL, a ReLU C3D whose classifier reads
-# 512 features instead of 4,608: Soteria's exact Jacobian takes one reverse pass per feature,
-# ~330 s per client and round for the standard model on 2 busy CPU cores (22 h a run), 1.8 s here.
-SMALL_UTILITY = ("none", "soteria_50", "soteria_80")
+NO_UTILITY = {"secagg_4": "= none"}
+# Cells whose utility is trained only on SMALL, a ReLU C3D whose classifier reads 512 features
+# instead of 4,608: Soteria's exact Jacobian takes one reverse pass per feature, ~330 s per client
+# and round for the standard model on 2 busy CPU cores (22 h a run), 1.8 s here. SMALL_UTILITY
+# adds the small model's undefended reference.
+SMALL_ONLY = ("soteria_50", "soteria_80")
+SMALL_UTILITY = ("none", *SMALL_ONLY)
 SMALL = {"clip_shape": (8, 16, 16, 3), "features": 8}
 
 
@@ -135,6 +137,11 @@ def feature_config(name: str, seed: int) -> pipeline.RunConfig:
   return config_flags.config_from_flags(values)
 
 
+def standard_utility(name: str) -> bool:
+  """Whether the cell's utility is trained on the standard ReLU C3D."""
+  return name not in NO_UTILITY and name not in SMALL_ONLY
+
+
 def _finished(cfg: pipeline.RunConfig) -> bool:
   return pipeline.reuse.changed_settings(cfg) == []
 
@@ -160,7 +167,7 @@ def collect() -> tuple[dict, dict]:
       if name in FEATURE_CELLS and _finished(cfg):
         leaks.setdefault(("features", name), []).append(_json(cfg, "metrics.json"))
       cfg = utility_config(name, seed)
-      if name not in NO_UTILITY and _finished(cfg):
+      if standard_utility(name) and _finished(cfg):
         utility.setdefault(name, []).append(_json(cfg, train.TRAIN_FILE))
       cfg = utility_config(name, seed, small=True)
       if name in SMALL_UTILITY and _finished(cfg):
@@ -186,16 +193,16 @@ def _epsilons(name: str) -> tuple[str, str]:
 def _accuracies(utility: dict, name: str, family: str = "") -> list[float]:
   """Final test accuracies of the cell's utility runs: the SMALL model's for Soteria's cells, and
   for "none" on Soteria's curve (`family`); secure aggregation's are the undefended model's."""
-  small = name.startswith("soteria") or (name == "none" and family.startswith("Soteria"))
+  small = name in SMALL_ONLY or (name == "none" and family.startswith("Soteria"))
   key = ("small", name) if small else ("none" if name == "secagg_4" else name)
   return [t["final_test_accuracy"] for t in utility.get(key, [])]
 
 
 def _accuracy_cell(name: str, utility: dict) -> str:
+  if name in NO_UTILITY:
+    return NO_UTILITY[name]
   acc = studies.summary(_accuracies(utility, name), 2)
-  if name in SMALL_UTILITY and name != "none":
-    return f"{NO_UTILITY[name]} {acc}"
-  return NO_UTILITY.get(name) or acc
+  return f"small model: {acc}" if name in SMALL_ONLY else acc
 
 
 def write_table(leaks: dict, utility: dict) -> None:
@@ -221,6 +228,7 @@ def write_table(leaks: dict, utility: dict) -> None:
             + [f"{t}, {_short(FLAGS.sources[0])}" for _, t, _ in METRICS[2:]]
             + ["test acc.", "ε (attacked round)", "ε (training)"])
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  epsilons = {name: _epsilons(name) for name in CELLS}
   for name, cell in CELLS.items():
     row = [cell.family, cell.value]
     for data in FLAGS.sources:
@@ -229,7 +237,7 @@ def write_table(leaks: dict, utility: dict) -> None:
     row += [studies.summary([m[k] for m in leaks.get((FLAGS.sources[0], name), [])], d)
             for k, _, d in METRICS[2:]]
     row.append(_accuracy_cell(name, utility))
-    row += list(_epsilons(name))
+    row += list(epsilons[name])
     lines.append("| " + " | ".join(row) + " |")
   lines += ["", f"Small model (Soteria's utility): the ReLU C3D with {SMALL['features']} features "
             f"on {'×'.join(map(str, SMALL['clip_shape']))} clips (512 classifier inputs), "
@@ -257,7 +265,7 @@ def write_table(leaks: dict, utility: dict) -> None:
   for name, cell in CELLS.items():
     runs = leaks.get((data, name), [])
     leak = {key: [m[key] for m in runs] for key in ("psnr_mean", "lpips_mean")}
-    eps = _epsilons(name)[1]
+    eps = epsilons[name][1]
     label = "none" if name == "none" else cell.value + (f", ε={eps}" if eps else "")
     families = ({cell.family} if name != "none" else
                 {c.family for c in CELLS.values() if c.family != "none"})
@@ -352,7 +360,7 @@ def main(argv):
       runs = [leakage_config(name, data, seed) for data in FLAGS.sources]
       if FLAGS.features and name in FEATURE_CELLS:
         runs.append(feature_config(name, seed))
-      if FLAGS.utility and name not in NO_UTILITY:
+      if FLAGS.utility and standard_utility(name):
         runs.append(utility_config(name, seed))
       if FLAGS.utility and name in SMALL_UTILITY:
         runs.append(utility_config(name, seed, small=True))

@@ -28,7 +28,7 @@ for name, cell in d.CELLS.items():
       util_act=util.victim_kwargs["activation"], stages=list(util.stages),
       rounds=util.train.rounds, seeds=[leak.seed, util.seed],
       local=[util.local.epochs, util.local.batch_size, util.local.lr], leak_update=leak.update,
-      eps=d._epsilons(name), standard_utility=name not in d.NO_UTILITY,
+      eps=d._epsilons(name), standard_utility=d.standard_utility(name),
       small=[list(small.clip_shape), small.victim_kwargs, parse_defenses(small.defenses),
              small.workdir] if name in d.SMALL_UTILITY else None,
       dirs=[leak.workdir, util.workdir])
