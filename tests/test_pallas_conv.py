@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
+from jax import export, lax
 from jax.test_util import check_grads
 
 import vidleak_jax as vl
@@ -163,3 +163,31 @@ def test_attack_with_the_pallas_conv_matches_im2col():
   np.testing.assert_allclose(runs["pallas"].history["loss"], runs["im2col"].history["loss"],
                              rtol=3e-5)
   np.testing.assert_allclose(runs["pallas"].loss, runs["im2col"].loss, rtol=3e-5)
+
+
+def _lower_for_cuda(fn, *args) -> str:
+  """StableHLO of jit(fn)(*args) lowered for CUDA: jax.export cross-lowers on any host, running
+  Pallas's GPU lowering (here down to Triton IR) without a GPU."""
+  triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+  return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
+
+
+def test_gpu_path_lowers_to_triton_kernels(monkeypatch):
+  # The attack step the GPU would run (C3D, 8x32x32, 4 candidates vmapped, conv "pallas", GPU
+  # tiles) lowers for CUDA, every convolution and derivative a Triton kernel: Pallas's default on
+  # GPU is Mosaic GPU, which stages whole blocks in shared memory and refuses these (0.77 MB >
+  # 0.23 MB for the first layer's input).
+  monkeypatch.setattr(pallas_conv, "_tiles", lambda: pallas_conv.GPU_TILES)
+  model = vl.models.create("c3d", jax.random.key(0), frames=8, height=32, width=32, channels=3,
+                           num_classes=4)
+  apply_fn, params = vl.models.pure(model)
+  clips, labels = vl.data.synthetic_clips(jax.random.key(1), 1, frames=8, height=32, width=32,
+                                          channels=3, num_classes=4)
+  target = vl.fl.client_update(apply_fn, params, clips, labels)
+  config = vl.attack.AttackConfig(restarts=4, batching="vmap", conv="pallas", log_every=2)
+  attack = vl.attack.make_attack(apply_fn, params, target, labels, tuple(clips.shape), config)
+  state = jax.eval_shape(attack.init, jax.random.key(2))
+  module = _lower_for_cuda(attack.run, state, jnp.int32(2))
+  assert module.count("xla.gpu.triton") >= 5  # forward, input and kernel grads, and theirs
+  assert "mosaic" not in module.lower()
+  assert "convolution" not in module  # no XLA convolution left in the step

@@ -21,9 +21,11 @@ and `_wgrad`'s cotangents are `conv`s again, so reverse mode works to any order 
 the attack's objective), under `jax.jit` and `jax.vmap` (per-candidate weights batch the grid).
 Forward mode (`jax.jvp`, `jax.jacfwd`) is not supported: JAX refuses jvp of a custom_vjp.
 
-Where: compiled (Triton) on GPU, channels zero-padded to powers of two >= 16, 64-row × 64-channel
-output tiles; elsewhere in Pallas interpret mode, which is slow: on CPU it serves correctness
-only (use "im2col" there). Its GPU speed is unmeasured and its GPU tiling (`_tiles`) untuned.
+Where: compiled by Triton on GPU (requested explicitly: Pallas's default there is Mosaic GPU),
+channels zero-padded to powers of two >= 16, 64-row × 64-channel output tiles; elsewhere in
+Pallas interpret mode, which is slow: on CPU it serves correctness only (use "im2col" there).
+That the GPU path lowers to Triton kernels is checked on any host (jax.export for CUDA); its GPU
+speed is unmeasured and its GPU tiling (`GPU_TILES`) untuned.
 """
 
 from __future__ import annotations
@@ -38,18 +40,26 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 # Kernel tiling. rows: output rows per program (a power of two); out: output channels per program
 # (0: all); red: input channels per reduction chunk (0: all); align: channels zero-padded to
 # powers of two >= align (1: not padded); unroll: the loop over taps unrolled (else a fori_loop,
 # faster to compile in interpret mode); interpret: Pallas interpret mode.
 Tiles = collections.namedtuple("Tiles", "rows out red align unroll interpret")
+GPU_TILES = Tiles(rows=64, out=64, red=32, align=16, unroll=True, interpret=False)
 
 
 def _tiles() -> Tiles:
   if jax.default_backend() == "gpu":
-    return Tiles(rows=64, out=64, red=32, align=16, unroll=True, interpret=False)
+    return GPU_TILES
   return Tiles(rows=1024, out=0, red=0, align=1, unroll=False, interpret=True)
+
+
+def _compiler_params(tiles: Tiles):
+  """Triton, not Mosaic GPU (Pallas's default on GPU): Mosaic GPU stages whole blocks in shared
+  memory, and a block here is one sample's rows (an 8x32x32x16 clip is 0.5 MiB)."""
+  return None if tiles.interpret else pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _pow2(n: int) -> int:  # the least power of two >= n
@@ -168,7 +178,7 @@ def _conv_impl(x, w, precision):
       in_specs=[pl.BlockSpec((None, geo.in_rows, cp), lambda i, j, k: (i, 0, 0)),
                 pl.BlockSpec((len(geo.offsets), cp, to), lambda i, j, k: (0, 0, k))],
       out_specs=pl.BlockSpec((None, geo.rows, to), lambda i, j, k: (i, j, k)),
-      interpret=tiles.interpret)(xr, wr)
+      compiler_params=_compiler_params(tiles), interpret=tiles.interpret)(xr, wr)
   y = _rows(y[:, :geo.valid_rows, :o], math.prod(geo.spatial)).reshape(n, *geo.spatial, o)
   return y[(slice(None), *[slice(0, s) for s in geo.out])]
 
@@ -191,7 +201,7 @@ def _wgrad_impl(x, dy, precision):
       in_specs=[pl.BlockSpec((None, geo.in_rows, tc), lambda t, i, a, b: (i, 0, a)),
                 pl.BlockSpec((None, geo.out_rows, to), lambda t, i, a, b: (i, 0, b))],
       out_specs=pl.BlockSpec((None, None, tc, to), lambda t, i, a, b: (t, i, a, b)),
-      interpret=tiles.interpret)(xr, dyr)
+      compiler_params=_compiler_params(tiles), interpret=tiles.interpret)(xr, dyr)
   return dw.sum(axis=1)[:, :c, :o].reshape(*kernel, c, o)
 
 
