@@ -12,6 +12,8 @@ target gradient and initial candidates (needs `pip install -e ".[bench]"`).
   python -m experiments.benchmark --vs=torch --victims=c3d,frame_cnn --restarts=1,4
   python -m experiments.benchmark --vs=torch --restarts=1,32 --gemm_ceiling  # + the matmul floor
   python -m experiments.benchmark --victims=c3d,c3d_linen,c3d_lax --restarts=1,8  # other libraries
+  python -m experiments.benchmark --victims=c3d --clip=8,32,32,3 --clip=16,112,112,3 \
+      --restarts=1,32,256 --conv=im2col,pallas --profile_dir=/tmp/prof  # where the time goes
 
 The measuring code lives in `experiments.benchmark_core` (no flags, importable by tests).
 """
@@ -28,9 +30,9 @@ from typing import Sequence
 import jax
 from absl import app, flags
 
-from experiments import cli
-from experiments.benchmark_core import (LIBRARY_MODELS, add_cost_vs_single, bench_one,
-                                        combine_rounds, markdown_table, matmul_gflops)
+from experiments import cli, profile_summary
+from experiments.benchmark_core import (LIBRARY_MODELS, add_conv_agreement, add_cost_vs_single,
+                                        bench_one, combine_rounds, markdown_table, matmul_gflops)
 import vidleak_jax as vl
 from vidleak_jax.attack.config import BATCHING, CONVS
 from vidleak_jax.pipeline import MATMUL_PRECISIONS
@@ -41,12 +43,13 @@ _VICTIMS = flags.DEFINE_list(
     f"Comma list of victims; valid: {', '.join(_MODELS)} (c3d_linen / c3d_lax: the c3d victim, "
     "same weights, written with flax.linen / plain channels-first lax).")
 _RESTARTS = flags.DEFINE_list("restarts", ["1", "8", "32"], "Comma list of restart counts R.")
-_CLIP = flags.DEFINE_list("clip", ["8", "32", "32", "3"], "Clip shape T,H,W,C (batch B=1).")
-_CONV = flags.DEFINE_enum(
-    "conv", "auto", [*CONVS, "both"],
-    "Victim convolutions in the attack: auto (= im2col: rewritten as patches + matmuls by "
-    "vl.attack.fast_convs), pallas (an implicit-GEMM Pallas kernel, vl.attack.pallas_conv), "
-    "xla (as written), or both (xla and im2col).")
+_CLIP = flags.DEFINE_multi_string(
+    "clip", ["8,32,32,3"], "Clip shape T,H,W,C (batch B=1); repeat the flag for several shapes.")
+_CONV = flags.DEFINE_list(
+    "conv", ["auto"],
+    "Comma list of how the victim's convolutions run in the attack: auto (= im2col: rewritten as "
+    "patches + matmuls by vl.attack.fast_convs), pallas (an implicit-GEMM Pallas kernel, "
+    "vl.attack.pallas_conv), xla (as written); both = xla,im2col.")
 _BATCHING = flags.DEFINE_enum("batching", "auto", [*BATCHING, "both"],
                               "How the R restarts are batched: vmap, map, or both.")
 _MAP_BATCH_SIZE = flags.DEFINE_integer(
@@ -68,6 +71,11 @@ _GEMM_CEILING = flags.DEFINE_bool(
     "Also time the step's matrix products alone (XLA's kernels, at the step's shapes): the "
     "candidate-steps/s that no rewrite of the other work could exceed (experiments.gemm_ceiling).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for the victim, data and candidates.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", "",
+    "If set, every configuration's timed dispatches are traced with jax.profiler into a folder of "
+    "its own here, and its rows hold (and stderr shows) where the device's time went "
+    "(experiments.profile_summary).")
 _VS = flags.DEFINE_enum("vs", "none", ["none", "torch"],
                         "Also time a peer implementation on the identical setup: none or torch.")
 _TORCH_MODE = flags.DEFINE_enum(
@@ -93,8 +101,23 @@ flags.register_validator(
 flags.register_validator("restarts", lambda v: _positive_ints(v) is not None,
                          message="--restarts must be a comma list of positive integers")
 flags.register_validator(
-    "clip", lambda v: len(v) == 4 and _positive_ints(v) is not None,
-    message="--clip must be four positive integers T,H,W,C")
+    "clip", lambda v: bool(v) and all(_clip(c) is not None for c in v),
+    message="--clip must be four positive integers T,H,W,C (the flag repeated for more shapes)")
+flags.register_validator(
+    "conv", lambda v: bool(v) and all(c in (*CONVS, "both") for c in v),
+    message=f"--conv must be a non-empty comma list of: {', '.join(CONVS)}, both")
+
+
+def _clip(value: str) -> tuple[int, ...] | None:
+  """"T,H,W,C" as four positive ints, or None."""
+  shape = _positive_ints(value.split(","))
+  return tuple(shape) if shape is not None and len(shape) == 4 else None
+
+
+def _convs(values: Sequence[str]) -> list[str]:
+  """--conv's modes, "both" expanded to xla, im2col, each once in the order given."""
+  out = [c for v in values for c in (("xla", "im2col") if v == "both" else (v,))]
+  return list(dict.fromkeys(out))
 
 
 def _log(msg: str) -> None:
@@ -112,10 +135,10 @@ def _empty(directory: str) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  clip = tuple(_positive_ints(_CLIP.value))
+  clips = list(dict.fromkeys(_clip(c) for c in _CLIP.value))
   restarts = _positive_ints(_RESTARTS.value)
   batchings = ["vmap", "map"] if _BATCHING.value == "both" else [_BATCHING.value]
-  convs = ["xla", "im2col"] if _CONV.value == "both" else [_CONV.value]
+  convs = _convs(_CONV.value)
   if _VS.value == "torch":
     try:
       import torch
@@ -124,28 +147,40 @@ def main(argv: Sequence[str]) -> None:
     _log(f"torch {torch.__version__}: {torch.get_num_threads()} threads")
   with tempfile.TemporaryDirectory(prefix="vidleak_jax_bench_xla_") as cache_dir:
     cli.enable_compilation_cache(cache_dir, min_compile_time_s=0.0)  # before anything compiles
-    rows = _bench(clip, restarts, batchings, convs, cache_dir)
+    rows = add_conv_agreement(_bench(clips, restarts, batchings, convs, cache_dir))
   print(json.dumps(rows, indent=2))
   _log(markdown_table(rows))
+  for row in rows:
+    if "profile" in row:
+      name = _name(row["victim"], row["clip"], row["restarts"], row["batching"], row["conv"])
+      _log("\n" + profile_summary.markdown(row["profile"], name))
 
 
-def _bench(clip: tuple[int, ...], restarts: list[int], batchings: list[str], convs: list[str],
-           cache_dir: str) -> list[dict]:
+def _name(victim: str, clip: Sequence[int], restarts: int, batching: str, conv: str) -> str:
+  """A configuration's name (its profile's folder)."""
+  return f"{victim}_{'x'.join(map(str, clip))}_R{restarts}_{batching}_{conv}"
+
+
+def _bench(clips: list[tuple[int, ...]], restarts: list[int], batchings: list[str],
+           convs: list[str], cache_dir: str) -> list[dict]:
   """The rows of every configuration (combined over rounds)."""
-  _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clip={clip} "
+  _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clips={clips} "
        f"matmul_precision={_PRECISION.value}; a 2048x2048 float32 matmul runs at "
        f"{matmul_gflops():.0f} GFLOP/s")
-  configurations = list(itertools.product(_VICTIMS.value, restarts, batchings, convs))
+  configurations = list(itertools.product(_VICTIMS.value, clips, restarts, batchings, convs))
   rounds = []
   for i in range(_ROUNDS.value):
     rows = []
     round_note = f" round {i + 1}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
-    for victim, r, batching, conv in configurations:
-      _log(f"[{victim} R={r} batching={batching} conv={conv}{round_note}] compiling + timing ...")
+    for victim, clip, r, batching, conv in configurations:
+      name = _name(victim, clip, r, batching, conv)
+      _log(f"[{name}{round_note}] compiling + timing ...")
       _empty(cache_dir)
+      profile_dir = os.path.join(_PROFILE_DIR.value, name + (f"_round{i + 1}" if round_note else ""))
       row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
                       _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
-                      _GEMM_CEILING.value, _MAP_BATCH_SIZE.value, warm_compile=True)
+                      _GEMM_CEILING.value, _MAP_BATCH_SIZE.value, warm_compile=True,
+                      profile_dir=profile_dir if _PROFILE_DIR.value else None)
       _log(f"  compile {row['compile_s']:.2f}s cold, {row['compile_warm_s']:.2f}s warm; step "
            f"{1e3 * row['step_s']:.2f}ms, {row['candidate_steps_per_s']:.2f} candidate steps/s")
       if "gemm_s_per_step" in row:

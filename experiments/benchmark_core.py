@@ -12,6 +12,7 @@ of a model it did not build.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from experiments import profile_summary
 from experiments.gemm_ceiling import candidate_step_gemm_ceiling
 from experiments.host_memory import host_mark, host_peak_since
 import vidleak_jax as vl
@@ -152,7 +154,7 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
               steps: int, steps_per_dispatch: int, seed: int, vs: str = "none",
               torch_mode: str = "auto", conv: str = "auto", precision: str = "highest",
               gemm_ceiling: bool = False, map_batch_size: int | None = None,
-              warm_compile: bool = False) -> dict[str, Any]:
+              warm_compile: bool = False, profile_dir: str | None = None) -> dict[str, Any]:
   """Compiles and times `attack.run` for one victim × R × batching; returns one result row.
 
   `victim`: a project victim or one of `LIBRARY_MODELS` (built from the c3d victim's weights).
@@ -162,6 +164,11 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   With `warm_compile` (needs an empty persistent compilation cache) the step is compiled twice:
   `compile_s` is the cold compile, `compile_warm_s` the second one, served by the cache (NaN, with
   a warning, when the cache did not serve it).
+  With `profile_dir` the timed dispatches run under `jax.profiler` (a trace in that directory) and
+  the row holds its `experiments.profile_summary` as "profile".
+  Every row holds the objective and its gradient's norm at the first initial candidate
+  ("start_objective", "start_gradient_norm", same seed: the same candidate for every conv and
+  batching), so rows of two conv modes check each other.
   """
   t, h, w, c = clip
   k_model, k_data, k_init = jax.random.split(jax.random.key(seed), 3)
@@ -197,14 +204,18 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
 
   state, _ = jax.block_until_ready(compiled(state, n))  # warm-up
   times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = jax.block_until_ready(compiled(state, n))
-    times.append(time.perf_counter() - start)
+  with profile_summary.trace(profile_dir) if profile_dir else contextlib.nullcontext():
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = jax.block_until_ready(compiled(state, n))
+      times.append(time.perf_counter() - start)
   if not bool(jnp.all(jnp.isfinite(metrics["loss"]))):
     _log(f"  warning: non-finite loss for {victim} R={restarts} {batching}")
   peak, source = _jax_peak_memory(compiled, mark)
   flops = candidate_step_flops(attack, init_candidates[0])
+  with jax.default_matmul_precision(precision):
+    start_value, start_grad = jax.jit(jax.value_and_grad(lambda x: attack.objective(x)[0]))(
+        init_candidates[0])
 
   step_s = statistics.median(times) / steps_per_dispatch
   row = {
@@ -217,7 +228,11 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
       "candidate_steps_per_s": restarts / step_s,
       "jax_peak_mem_bytes": peak, "jax_peak_mem_source": source,
       "candidate_step_gflop": flops / 1e9, "achieved_gflop_per_s": flops * restarts / step_s / 1e9,
+      "start_objective": float(start_value),
+      "start_gradient_norm": float(jnp.linalg.norm(start_grad.ravel())),
   }
+  if profile_dir:
+    row["profile"] = profile_summary.summarize(profile_dir)
   if gemm_ceiling:
     with jax.default_matmul_precision(precision):
       group = restarts if row["batching"] == "vmap" else min(row["map_batch_size"], restarts)
@@ -264,6 +279,30 @@ def add_cost_vs_single(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       row["candidate_cost_vs_r1"] = row["step_s"] / row["restarts"] / base
       if "gemm_s_per_step" in row:
         row["gemm_floor_vs_r1"] = row["gemm_s_per_step"] / row["restarts"] / base
+    out.append(row)
+  return out
+
+
+def add_conv_agreement(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Rows where another conv mode ran the same victim, clip, R and batching, with the relative
+  differences of their start objective and start gradient norm to that row's: "start_vs_conv"
+  (its mode: im2col where it ran, else the first), "start_objective_rel_diff",
+  "start_gradient_rel_diff". Two modes compute one function: these are float rounding (~1e-6 at
+  float32 `highest`), unless one of them is wrong."""
+  groups: dict[tuple, list[dict[str, Any]]] = {}
+  for row in rows:
+    key = row["victim"], tuple(row["clip"]), row["restarts"], row["batching"]
+    groups.setdefault(key, []).append(row)
+  out = []
+  for row in rows:
+    row = dict(row)
+    group = groups[row["victim"], tuple(row["clip"]), row["restarts"], row["batching"]]
+    ref = next((r for r in group if r["conv"] == "im2col"), group[0])
+    if ref["conv"] != row["conv"]:
+      row["start_vs_conv"] = ref["conv"]
+      for key, diff in (("start_objective", "start_objective_rel_diff"),
+                        ("start_gradient_norm", "start_gradient_rel_diff")):
+        row[diff] = abs(row[key] - ref[key]) / max(abs(ref[key]), 1e-30)
     out.append(row)
   return out
 
@@ -323,8 +362,8 @@ def _ratio(row: dict[str, Any], key: str, suffix: str = "") -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-  """Rows as a markdown table (with the warm-compile, matmul-floor, cost-vs-R=1 and torch-peer
-  columns when rows have them)."""
+  """Rows as a markdown table (with the warm-compile, matmul-floor, cost-vs-R=1, conv-agreement
+  and torch-peer columns when rows have them)."""
   vs = any("torch_step_s" in r for r in rows)
   gemm = any("gemm_s_per_step" in r for r in rows)
   relative = []  # (column, row key) of the ratios to one candidate alone
@@ -332,11 +371,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     relative = [("cost per cand. ÷ R=1", "candidate_cost_vs_r1")]
     relative += [("matmul floor ÷ R=1", "gemm_floor_vs_r1")] if gemm else []
   warm = any("compile_warm_s" in r for r in rows)
+  agree = any("start_objective_rel_diff" in r for r in rows)
   cols = ["victim", "clip", "R", "batching", "conv", "backend", "compile s",
           *(["warm compile s"] if warm else []), "step ms", "steps/s", "cand. steps/s", "GFLOP/s"]
   if gemm:
     cols += ["matmul-only ms", "matmul ceiling cand. steps/s"]
   cols += [column for column, _ in relative]
+  cols += ["start obj. / grad. rel. diff (vs conv)"] if agree else []
   if vs:
     cols += ["torch mode", "torch 1st step s", "torch step ms", "torch cand. steps/s",
              "speedup", "JAX peak MB", "torch peak MB"]
@@ -354,6 +395,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     elif gemm:
       cells += ["-", "-"]
     cells += [_ratio(r, key) for _, key in relative]
+    if agree:
+      cells += [f"{r['start_objective_rel_diff']:.1e} / {r['start_gradient_rel_diff']:.1e} "
+                f"({r['start_vs_conv']})" if "start_vs_conv" in r else "-"]
     if vs and "torch_step_s" in r:
       cells += [r["torch_mode"], f"{r['torch_compile_s']:.2f}", f"{1e3 * r['torch_step_s']:.2f}",
                 _rate(r, "torch_"), _ratio(r, "speedup", "x"),

@@ -1,6 +1,10 @@
-"""The benchmark's rows: timings consistent with each other, FLOPs and memory from XLA's analyses."""
+"""The benchmark's rows: timings consistent with each other, FLOPs and memory from XLA's analyses, conv
+modes that agree, the profile, bad flags refused."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -121,3 +125,39 @@ def test_matmul_ceiling_is_compared_with_the_torch_peer_of_the_same_round():
   assert combined["gemm_ceiling_vs_torch"] == pytest.approx(2.0)
   assert combined["gemm_ceiling_vs_torch_range"] == pytest.approx([2.0, 3.0])
   assert "| 2.00x (2.00–3.00) |" in benchmark.markdown_table([combined])
+
+
+def test_conv_modes_agree_at_the_start_and_the_profile_is_in_the_row(tmp_path):
+  # XLA's own convolutions and the im2col rewrite compute one objective: the rows' start objective
+  # and gradient agree to float rounding, and `add_conv_agreement` says so against im2col.
+  rows = [benchmark.bench_one("c3d", restarts=2, batching="vmap", clip=(4, 8, 8, 3), steps=1,
+                              steps_per_dispatch=1, seed=0, conv=conv,
+                              profile_dir=str(tmp_path / conv)) for conv in ("xla", "im2col")]
+  xla, im2col = benchmark.add_conv_agreement(rows)
+  assert xla["start_vs_conv"] == "im2col" and "start_vs_conv" not in im2col
+  assert xla["start_objective"] > 0 and xla["start_gradient_norm"] > 0
+  assert xla["start_objective_rel_diff"] < 1e-4 and xla["start_gradient_rel_diff"] < 1e-4
+  for row in (xla, im2col):
+    assert row["profile"]["device"] == "cpu" and row["profile"]["busy_s"] > 0
+  assert "e-" in benchmark.markdown_table([xla, im2col]).splitlines()[2]
+
+
+def test_conv_agreement_is_relative_to_im2col_within_one_configuration():
+  def row(conv, restarts, objective):
+    return {"victim": "c3d", "clip": [8, 32, 32, 3], "restarts": restarts, "batching": "vmap",
+            "conv": conv, "start_objective": objective, "start_gradient_norm": 2.0}
+  rows = benchmark.add_conv_agreement([row("pallas", 4, 1.5), row("im2col", 4, 1.0),
+                                       row("pallas", 8, 3.0), row("xla", 8, 2.0)])
+  assert [r.get("start_vs_conv") for r in rows] == ["im2col", None, None, "pallas"]
+  assert rows[0]["start_objective_rel_diff"] == pytest.approx(0.5)
+  assert rows[3]["start_objective_rel_diff"] == pytest.approx(1 / 3)
+  assert rows[3]["start_gradient_rel_diff"] == 0.0
+
+
+@pytest.mark.parametrize("flag, message", [("--conv=im2col,fast", "--conv must be"),
+                                           ("--clip=8,32,32", "--clip must be four"),
+                                           ("--restarts=0", "--restarts must be")])
+def test_bad_benchmark_flags_are_refused_naming_the_flag(flag, message):
+  done = subprocess.run([sys.executable, "-m", "experiments.benchmark", flag],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert done.returncode != 0 and message in done.stderr and not done.stdout
