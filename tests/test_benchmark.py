@@ -1,5 +1,5 @@
-"""The benchmark's rows: timings consistent with each other, FLOPs and memory from XLA's analyses, conv
-modes that agree, the profile, bad flags refused."""
+"""The benchmark's rows: timings consistent with each other, FLOPs and memory from XLA's
+analyses, conv modes that agree, the profile; bad flags refused."""
 
 from __future__ import annotations
 
