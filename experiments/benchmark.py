@@ -176,7 +176,8 @@ def _bench(clips: list[tuple[int, ...]], restarts: list[int], batchings: list[st
       name = _name(victim, clip, r, batching, conv)
       _log(f"[{name}{round_note}] compiling + timing ...")
       _empty(cache_dir)
-      profile_dir = os.path.join(_PROFILE_DIR.value, name + (f"_round{i + 1}" if round_note else ""))
+      profile_dir = os.path.join(_PROFILE_DIR.value,
+                                 name + (f"_round{i + 1}" if round_note else ""))
       row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
                       _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
                       _GEMM_CEILING.value, _MAP_BATCH_SIZE.value, warm_compile=True,

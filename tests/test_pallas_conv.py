@@ -169,7 +169,8 @@ def _lower_for_cuda(fn, *args) -> str:
   """StableHLO of jit(fn)(*args) lowered for CUDA: jax.export cross-lowers on any host, running
   Pallas's GPU lowering (here down to Triton IR) without a GPU."""
   triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args).mlir_module()
+  exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton])(*args)
+  return exported.mlir_module()
 
 
 def test_gpu_path_lowers_to_triton_kernels(monkeypatch):
