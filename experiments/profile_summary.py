@@ -94,7 +94,8 @@ def summarize(directory: str, *, top: int = 12) -> dict[str, Any]:
   "span_s": first event start to last event end, "busy_s": the union of the events, "busy_fraction":
   busy ÷ span (below 1: the device waits for launches or the host), "kernel_s": summed event time
   (above busy when streams or threads overlap), "kinds": {kind: fraction of kernel_s}, "top":
-  [{name, kind, total_ms, calls, fraction}] of the `top` ops by time}. FileNotFoundError without a trace."""
+  [{name, kind, total_ms, calls, fraction}] of the `top` ops by time}.
+  FileNotFoundError without a trace."""
   paths = glob.glob(os.path.join(directory, "**", "perfetto_trace.json.gz"), recursive=True)
   if not paths:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {directory}")
