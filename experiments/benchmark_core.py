@@ -28,6 +28,7 @@ from experiments.gemm_ceiling import candidate_step_gemm_ceiling
 from experiments.host_memory import host_mark, host_peak_since
 import vidleak_jax as vl
 from vidleak_jax.attack.config import resolve_batching, resolve_conv, resolve_map_batch_size
+from vidleak_jax.attack.driver import compile_hoisted
 
 NUM_CLASSES = 4
 # The c3d victim (`vidleak_jax.models.victims.C3D`) written with flax.linen (channels-last, like the
@@ -53,10 +54,12 @@ def _jax_peak_memory(compiled: Any, mark: tuple[int, bool]) -> tuple[int, str]:
 CACHE_HIT = "/jax/compilation_cache/cache_hits"  # JAX's monitoring event of a persistent-cache hit
 
 
-def timed_compile(fn: Any, *args: Any, precision: str) -> tuple[Any, float, int]:
-  """(executable, seconds, persistent-cache hits) of tracing, lowering and compiling `fn(*args)`
-  from empty in-memory caches: with a persistent cache (`experiments.cli.enable_compilation_cache`)
-  a first call measures a cold compile, a second one the warm compile that a later run gets."""
+def timed_compile(fn: Any, *args: Any, precision: str) -> tuple[Any, Any, float, int]:
+  """(callable, its `Compiled`, seconds, persistent-cache hits) of tracing, lowering and compiling
+  `fn(*args)` the way the attack driver does (`driver.compile_hoisted`: closed-over arrays as
+  arguments) from empty in-memory caches: with a persistent cache
+  (`experiments.cli.enable_compilation_cache`) a first call measures a cold compile, a second one
+  the warm compile that a later run gets."""
   hits = []
 
   def listener(event: str, **_: Any) -> None:
@@ -68,11 +71,11 @@ def timed_compile(fn: Any, *args: Any, precision: str) -> tuple[Any, float, int]
   try:
     start = time.perf_counter()
     with jax.default_matmul_precision(precision):
-      compiled = jax.jit(fn).lower(*args).compile()
+      run, compiled = compile_hoisted(fn, *args)
     seconds = time.perf_counter() - start
   finally:
     jax.monitoring.unregister_event_listener(listener)
-  return compiled, seconds, len(hits)
+  return run, compiled, seconds, len(hits)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -190,11 +193,12 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
   init_candidates = state.candidates
   n = jnp.asarray(steps_per_dispatch, jnp.int32)
 
-  compiled, compile_s, hits = timed_compile(attack.run, state, n, precision=precision)
+  run, compiled, compile_s, hits = timed_compile(attack.run, state, n, precision=precision)
   if warm_compile:
     if hits:
       _log(f"  warning: the cold compile of {victim} R={restarts} hit the persistent cache")
-    compiled, compile_warm_s, hits = timed_compile(attack.run, state, n, precision=precision)
+    run, compiled, compile_warm_s, hits = timed_compile(attack.run, state, n,
+                                                        precision=precision)
     if not hits:
       _log(f"  warning: the persistent cache did not serve the warm compile of {victim} "
            f"R={restarts}")
@@ -202,12 +206,12 @@ def bench_one(victim: str, restarts: int, batching: str, clip: tuple[int, int, i
 
   mark = host_mark()  # host peak memory of the runs (warm-up included), not of the compile
 
-  state, _ = jax.block_until_ready(compiled(state, n))  # warm-up
+  state, _ = jax.block_until_ready(run(state, n))  # warm-up
   times = []
   with profile_summary.trace(profile_dir) if profile_dir else contextlib.nullcontext():
     for _ in range(steps):
       start = time.perf_counter()
-      state, metrics = jax.block_until_ready(compiled(state, n))
+      state, metrics = jax.block_until_ready(run(state, n))
       times.append(time.perf_counter() - start)
   if not bool(jnp.all(jnp.isfinite(metrics["loss"]))):
     _log(f"  warning: non-finite loss for {victim} R={restarts} {batching}")

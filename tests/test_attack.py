@@ -10,6 +10,7 @@ import pytest
 import vidleak_jax as vl
 from tests.conftest import tiny_batch, tiny_victim
 from vidleak_jax import pipeline, report
+from vidleak_jax.attack import driver
 from vidleak_jax.attack.labels import counts_from_bias_grad
 from vidleak_jax.data import sources
 
@@ -204,6 +205,27 @@ def test_reconstruct_compiles_a_fixed_number_of_times(monkeypatch):
 
   compiles(2)  # warm caches of helper ops shared by every run
   assert compiles(4) == compiles(16)
+
+
+def test_runs_with_other_weights_and_data_compile_to_one_program():
+  # The driver hoists the closed-over weights, target update and labels into arguments: two
+  # victims of other seeds on other clips lower to the same program (so one executable and one
+  # persistent-cache entry serve both), which computes what the closure computes.
+  texts = []
+  for seed in (0, 1):
+    apply_fn, params = tiny_victim("c3d", seed=seed + 1)
+    clips, labels = tiny_batch(1, seed=seed)
+    target = vl.fl.client_update(apply_fn, params, clips, labels)
+    config = vl.attack.AttackConfig(restarts=2, steps=4, log_every=2)
+    attack = vl.attack.make_attack(apply_fn, params, target, labels, clips.shape, config)
+    state, n = attack.init(jax.random.key(seed)), jnp.int32(2)
+    call, consts = driver.hoist_constants(attack.run, state, n)
+    assert sum(np.size(c) for c in consts) >= 2 * sum(x.size for x in jax.tree.leaves(params))
+    texts.append(jax.jit(call).lower(consts, state, n).as_text())
+    hoisted, closure = jax.jit(call)(consts, state, n), jax.jit(attack.run)(state, n)
+    for a, b in zip(jax.tree.leaves(hoisted), jax.tree.leaves(closure)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert texts[0] == texts[1]
 
 
 def test_bad_inputs_are_rejected_with_clear_errors():

@@ -117,6 +117,31 @@ def _log_point(chunk: dict[str, np.ndarray], rows: int, best_seen: float, start:
           "objective_mean": float(np.mean(last["loss"])), "resumed_from": start}
 
 
+def hoist_constants(fn: Callable, *example_args) -> tuple[Callable, list]:
+  """`fn` as `(consts, *args) -> out`, the arrays it closes over (model params, the target update,
+  ...) taken as the leading argument instead of being baked into the program, and those arrays.
+  Compiled, the program depends only on shapes and settings: runs with other weights, data or
+  seeds reuse one executable (and its entry in the persistent compilation cache)."""
+  closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*example_args)
+  out_tree = jax.tree.structure(out_shape)
+
+  def call(consts, *args):
+    out = jax.core.eval_jaxpr(closed.jaxpr, consts, *jax.tree.leaves(args))
+    return jax.tree.unflatten(out_tree, out)
+
+  return call, list(closed.consts)
+
+
+def compile_hoisted(fn: Callable, state: Any, *args,
+                    donate_state: bool = False) -> tuple[Callable, Any]:
+  """(`fn(state, *args)` compiled ahead of time with its closed-over arrays as arguments
+  (`hoist_constants`), the `jax.stages.Compiled` behind it); `donate_state` donates the state."""
+  call, consts = hoist_constants(fn, state, *args)
+  compiled = jax.jit(call, donate_argnums=(1,) if donate_state else ()).lower(
+      consts, state, *args).compile()
+  return (lambda state, *args: compiled(consts, state, *args)), compiled
+
+
 def drive(attack: Attack, state: AttackState, settings: Settings, *,
           identity: dict[str, Any] | None = None, name: str = "attack",
           progress: ProgressFn | None = None, mesh: jax.sharding.Mesh | None | str = None,
@@ -157,9 +182,9 @@ def drive(attack: Attack, state: AttackState, settings: Settings, *,
     attack, state = shard_candidates(attack, mesh), place_state(state, mesh)
   donate = () if jax.default_backend() == "cpu" else (0,)
   start = time.perf_counter()
-  run = jax.jit(attack.run, donate_argnums=donate).lower(state, jnp.int32(0)).compile()
+  run, compiled = compile_hoisted(attack.run, state, jnp.int32(0), donate_state=bool(donate))
   compile_s = time.perf_counter() - start  # ahead of time: one executable for the whole loop
-  footprint = resources.compiled_footprint(run)
+  footprint = resources.compiled_footprint(compiled)
   logging.info("%s step compiled in %.1fs; memory: %s", name, compile_s,
                "not reported by the backend" if footprint is None else footprint.describe())
   # Before the first dispatch: a step that cannot fit fails here, with its figures.
