@@ -71,6 +71,10 @@ _GEMM_CEILING = flags.DEFINE_bool(
     "Also time the step's matrix products alone (XLA's kernels, at the step's shapes): the "
     "candidate-steps/s that no rewrite of the other work could exceed (experiments.gemm_ceiling).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for the victim, data and candidates.")
+_ROWS_JSONL = flags.DEFINE_string(
+    "rows_jsonl", "",
+    "If set, every configuration's row is appended to this JSON-lines file as soon as it is "
+    "timed (what a run cut short keeps); stdout still gets the combined rows at the end.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "",
     "If set, every configuration's timed dispatches are traced with jax.profiler into a folder of "
@@ -182,6 +186,9 @@ def _bench(clips: list[tuple[int, ...]], restarts: list[int], batchings: list[st
                       _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
                       _GEMM_CEILING.value, _MAP_BATCH_SIZE.value, warm_compile=True,
                       profile_dir=profile_dir if _PROFILE_DIR.value else None)
+      if _ROWS_JSONL.value:
+        with open(_ROWS_JSONL.value, "a", encoding="utf-8") as f:
+          f.write(json.dumps(row) + "\n")
       _log(f"  compile {row['compile_s']:.2f}s cold, {row['compile_warm_s']:.2f}s warm; step "
            f"{1e3 * row['step_s']:.2f}ms, {row['candidate_steps_per_s']:.2f} candidate steps/s")
       if "gemm_s_per_step" in row:
