@@ -219,7 +219,8 @@ def summary_markdown(env: dict, runs: list[dict], bench: dict, targets: list[dic
     lines.append(markdown_table(bench["rows"]))
     for row in bench["rows"]:
       if "profile" in row:
-        name = f"{row['victim']} {'x'.join(map(str, row['clip']))} R={row['restarts']} {row['conv']}"
+        clip = "x".join(map(str, row["clip"]))
+        name = f"{row['victim']} {clip} R={row['restarts']} {row['conv']}"
         lines += ["", profile_summary.markdown(row["profile"], name)]
   return "\n".join(lines) + "\n"
 
