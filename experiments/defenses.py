@@ -23,11 +23,12 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from absl import app, flags, logging
 
 from experiments import cli, config_flags, studies
-from vidleak_jax import attack, pipeline, report
+from vidleak_jax import attack, models, pipeline, report
 from vidleak_jax import io as vio
 from vidleak_jax.pipeline import rundir, train
 from vidleak_jax.pipeline.config import TrainConfig
@@ -84,12 +85,21 @@ FEATURE_METRICS = (("feature_rel_error_mean", "feature rel. error", 3),
                    ("label_accuracy", "label acc.", 2))
 NO_UTILITY = {"secagg_4": "= none"}
 # Cells whose utility is trained only on SMALL, a ReLU C3D whose classifier reads 512 features
-# instead of 4,608: Soteria's exact Jacobian takes one reverse pass per feature, ~330 s per client
+# instead of 4,608 (the table reads the figure from the model): Soteria's exact Jacobian takes one reverse pass per feature, ~330 s per client
 # and round for the standard model on 2 busy CPU cores (22 h a run), 1.8 s here. SMALL_UTILITY
 # adds the small model's undefended reference.
 SMALL_ONLY = ("soteria_50", "soteria_80")
 SMALL_UTILITY = ("none", *SMALL_ONLY)
 SMALL = {"clip_shape": (8, 16, 16, 3), "features": 8}
+
+
+def _classifier_inputs(model: dict) -> int:
+  """Inputs of the classifier (the head's kernel rows) of the ReLU C3D with `model`'s features on
+  its clip shape."""
+  t, h, w, c = model["clip_shape"]
+  victim = models.create("c3d", jax.random.key(0), frames=t, height=h, width=w, channels=c,
+                            num_classes=4, features=model["features"], activation="relu")
+  return int(models.pure(victim)[1]["head"]["kernel"].shape[0])
 
 
 def _base(workdir: str, seed: int, data: str, **fields: Any) -> pipeline.RunConfig:
@@ -240,7 +250,8 @@ def write_table(leaks: dict, utility: dict) -> None:
     row += list(epsilons[name])
     lines.append("| " + " | ".join(row) + " |")
   lines += ["", f"Small model (Soteria's utility): the ReLU C3D with {SMALL['features']} features "
-            f"on {'×'.join(map(str, SMALL['clip_shape']))} clips (512 classifier inputs), "
+            f"on {'×'.join(map(str, SMALL['clip_shape']))} clips ({_classifier_inputs(SMALL)} "
+            "classifier inputs), "
             f"trained the same way; undefended it reaches "
             f"{studies.summary(_accuracies(utility, 'none', 'Soteria'), 2)} test accuracy."]
   if any(data == "features" for data, _ in leaks):
