@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.extend import core as jex_core
 
 from vidleak_jax import resources
 from vidleak_jax.attack import checkpoint
@@ -126,8 +127,8 @@ def hoist_constants(fn: Callable, *example_args) -> tuple[Callable, list]:
   out_tree = jax.tree.structure(out_shape)
 
   def call(consts, *args):
-    out = jax.core.eval_jaxpr(closed.jaxpr, consts, *jax.tree.leaves(args))
-    return jax.tree.unflatten(out_tree, out)
+    fun = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(closed.jaxpr, consts))
+    return jax.tree.unflatten(out_tree, fun(*jax.tree.leaves(args)))
 
   return call, list(closed.consts)
 
