@@ -75,6 +75,11 @@ _ROWS_JSONL = flags.DEFINE_string(
     "rows_jsonl", "",
     "If set, every configuration's row is appended to this JSON-lines file as soon as it is "
     "timed (what a run cut short keeps); stdout still gets the combined rows at the end.")
+_KEEP_GOING = flags.DEFINE_bool(
+    "keep_going", False,
+    "A configuration that raises (a kernel that does not compile, memory) is logged, recorded in "
+    "--rows_jsonl with its error, left out of later rounds and of the table, and the others run; "
+    "the exit status is then 3. Without it the first error ends the run.")
 _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", "",
     "If set, every configuration's timed dispatches are traced with jax.profiler into a folder of "
@@ -151,13 +156,18 @@ def main(argv: Sequence[str]) -> None:
     _log(f"torch {torch.__version__}: {torch.get_num_threads()} threads")
   with tempfile.TemporaryDirectory(prefix="vidleak_jax_bench_xla_") as cache_dir:
     cli.enable_compilation_cache(cache_dir, min_compile_time_s=0.0)  # before anything compiles
-    rows = add_conv_agreement(_bench(clips, restarts, batchings, convs, cache_dir))
+    rows, failed = _bench(clips, restarts, batchings, convs, cache_dir)
+  rows = add_conv_agreement(rows)
   print(json.dumps(rows, indent=2))
-  _log(markdown_table(rows))
+  if rows:
+    _log(markdown_table(rows))
   for row in rows:
     if "profile" in row:
       name = _name(row["victim"], row["clip"], row["restarts"], row["batching"], row["conv"])
       _log("\n" + profile_summary.markdown(row["profile"], name))
+  if failed:
+    _log(f"failed (left out of the table, errors in the log above): {', '.join(failed)}")
+    sys.exit(3)
 
 
 def _name(victim: str, clip: Sequence[int], restarts: int, batching: str, conv: str) -> str:
@@ -166,29 +176,41 @@ def _name(victim: str, clip: Sequence[int], restarts: int, batching: str, conv: 
 
 
 def _bench(clips: list[tuple[int, ...]], restarts: list[int], batchings: list[str],
-           convs: list[str], cache_dir: str) -> list[dict]:
-  """The rows of every configuration (combined over rounds)."""
+           convs: list[str], cache_dir: str) -> tuple[list[dict], list[str]]:
+  """(The rows of every configuration, combined over rounds; the names of those that failed,
+  with --keep_going)."""
   _log(f"backend={jax.default_backend()} device={jax.devices()[0]} clips={clips} "
        f"matmul_precision={_PRECISION.value}; a 2048x2048 float32 matmul runs at "
        f"{matmul_gflops():.0f} GFLOP/s")
   configurations = list(itertools.product(_VICTIMS.value, clips, restarts, batchings, convs))
-  rounds = []
+  rounds, failed = [], set()
   for i in range(_ROUNDS.value):
     rows = []
     round_note = f" round {i + 1}/{_ROUNDS.value}" if _ROUNDS.value > 1 else ""
-    for victim, clip, r, batching, conv in configurations:
-      name = _name(victim, clip, r, batching, conv)
+    for configuration in configurations:
+      victim, clip, r, batching, conv = configuration
+      name = _name(*configuration)
+      if name in failed:
+        continue
       _log(f"[{name}{round_note}] compiling + timing ...")
       _empty(cache_dir)
       profile_dir = os.path.join(_PROFILE_DIR.value,
                                  name + (f"_round{i + 1}" if round_note else ""))
-      row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
-                      _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
-                      _GEMM_CEILING.value, _MAP_BATCH_SIZE.value, warm_compile=True,
-                      profile_dir=profile_dir if _PROFILE_DIR.value else None)
-      if _ROWS_JSONL.value:
-        with open(_ROWS_JSONL.value, "a", encoding="utf-8") as f:
-          f.write(json.dumps(row) + "\n")
+      try:
+        row = bench_one(victim, r, batching, clip, _STEPS.value, _STEPS_PER_DISPATCH.value,
+                        _SEED.value, _VS.value, _TORCH_MODE.value, conv, _PRECISION.value,
+                        _GEMM_CEILING.value, _MAP_BATCH_SIZE.value, warm_compile=True,
+                        profile_dir=profile_dir if _PROFILE_DIR.value else None)
+      except Exception as e:  # pylint: disable=broad-except
+        if not _KEEP_GOING.value:
+          raise
+        failed.add(name)
+        error = f"{type(e).__name__}: {e}"[:4000]
+        _log(f"  failed: {error}")
+        _append_row({"victim": victim, "clip": list(clip), "restarts": r, "batching": batching,
+                     "conv": conv, "error": error})
+        continue
+      _append_row(row)
       _log(f"  compile {row['compile_s']:.2f}s cold, {row['compile_warm_s']:.2f}s warm; step "
            f"{1e3 * row['step_s']:.2f}ms, {row['candidate_steps_per_s']:.2f} candidate steps/s")
       if "gemm_s_per_step" in row:
@@ -200,7 +222,18 @@ def _bench(clips: list[tuple[int, ...]], restarts: list[int], batchings: list[st
              f"JAX speedup {row['speedup']:.2f}x")
       rows.append(row)
     rounds.append(add_cost_vs_single(rows))
-  return combine_rounds(rounds) if len(rounds) > 1 else rounds[0]
+  if failed:  # a configuration that failed in a later round only: left out of every round
+    rounds = [[row for row in rows if _name(row["victim"], row["clip"], row["restarts"],
+                                              row["batching"], row["conv"]) not in failed]
+              for rows in rounds]
+  return (combine_rounds(rounds) if len(rounds) > 1 else rounds[0]), sorted(failed)
+
+
+def _append_row(row: dict) -> None:
+  """Appends `row` to --rows_jsonl (when set)."""
+  if _ROWS_JSONL.value:
+    with open(_ROWS_JSONL.value, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import profile_summary
-from experiments.benchmark_core import markdown_table
+from experiments.benchmark_core import add_conv_agreement, add_cost_vs_single, markdown_table
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the outputs (created).", required=True)
 _DEADLINE = flags.DEFINE_integer("deadline_s", 540, "Wall-clock budget of all phases.",
@@ -96,7 +96,7 @@ def benchmark(runner: Runner, out: str) -> dict[str, Any]:
   """The benchmark phase: its rows (combined at the end, else as appended so far)."""
   jsonl = os.path.join(out, "benchmark_rows.jsonl")
   profiles = os.path.join(out, "profiles")
-  cmd = [sys.executable, "-m", "experiments.benchmark", "--victims=c3d",
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--victims=c3d", "--keep_going",
          f"--conv={','.join(_CONVS.value)}", f"--rows_jsonl={jsonl}", f"--profile_dir={profiles}"]
   if _SMOKE.value:
     cmd += [f"--clip={c}" for c in SMOKE_BENCH] + ["--steps=1", "--steps_per_dispatch=1",
@@ -107,17 +107,18 @@ def benchmark(runner: Runner, out: str) -> dict[str, Any]:
   _log("benchmark: " + " ".join(cmd[2:]))
   record = runner.run(cmd, os.path.join(out, "benchmark.log"), os.path.join(out, "benchmark.json"),
                       need_s=60)
-  rows: list[dict] = []
+  appended = []
+  if os.path.exists(jsonl):
+    with open(jsonl, encoding="utf-8") as f:
+      appended = [json.loads(line) for line in f if line.strip()]
   try:
     with open(os.path.join(out, "benchmark.json"), encoding="utf-8") as f:
       rows = json.load(f)
-  except (OSError, ValueError):
-    if os.path.exists(jsonl):
-      with open(jsonl, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+  except (OSError, ValueError):  # cut short: the rows timed so far, compared as the end would
+    rows = add_conv_agreement(add_cost_vs_single([r for r in appended if "error" not in r]))
   if not _KEEP_TRACES.value:
     shutil.rmtree(profiles, ignore_errors=True)
-  return {**record, "rows": rows}
+  return {**record, "rows": rows, "failed": [r for r in appended if "error" in r]}
 
 
 def environment() -> dict[str, str]:
@@ -215,6 +216,8 @@ def summary_markdown(env: dict, runs: list[dict], bench: dict, targets: list[dic
   lines += [f"- {r['conv']} seed {r['seed']}: {r['note']}" for r in runs if r.get("note")]
   lines += ["", "## Benchmark", "", f"`{bench.get('cmd', '')}`" + (
       f" ({bench['note']})" if bench.get("note") else ""), ""]
+  lines += [f"- failed: {r['victim']} {'x'.join(map(str, r['clip']))} R={r['restarts']} "
+            f"{r['conv']}: {r['error'][:300]}" for r in bench.get("failed", [])]
   if bench.get("rows"):
     lines.append(markdown_table(bench["rows"]))
     for row in bench["rows"]:

@@ -75,6 +75,7 @@ SLOW_IN_FAST_TIER = frozenset({
     "test_benchmark.py::test_benchmark_row_is_consistent[c3d]",
     "test_benchmark.py::test_benchmark_row_is_consistent[frame_cnn]",
     "test_benchmark.py::test_conv_modes_agree_at_the_start_and_the_profile_is_in_the_row",
+    "test_benchmark.py::test_keep_going_records_a_failing_configuration_and_times_the_others",
     "test_captured.py::test_attack_stage_inverts_a_captured_update",
     "test_captured.py::test_npz_and_safetensors_round_trip",
     "test_captured.py::test_npz_bombs_are_refused_from_their_headers[deflated-shape1]",

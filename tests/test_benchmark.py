@@ -3,6 +3,7 @@ analyses, conv modes that agree, the profile; bad flags refused."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 
 import vidleak_jax as vl
 from experiments import benchmark_core as benchmark
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("victim", ["c3d", "frame_cnn"])
@@ -161,3 +163,32 @@ def test_bad_benchmark_flags_are_refused_naming_the_flag(flag, message):
   done = subprocess.run([sys.executable, "-m", "experiments.benchmark", flag],
                         capture_output=True, text=True, timeout=120, check=False)
   assert done.returncode != 0 and message in done.stderr and not done.stdout
+
+
+_FAILING_R2 = """
+import sys
+from absl import app
+from experiments import benchmark
+real = benchmark.bench_one
+def bench_one(victim, restarts, *args, **kwargs):
+  if restarts == 2:
+    raise RuntimeError("no kernel for R = 2")
+  return real(victim, restarts, *args, **kwargs)
+benchmark.bench_one = bench_one
+sys.argv[0] = "benchmark"
+app.run(benchmark.main)
+"""
+
+
+def test_keep_going_records_a_failing_configuration_and_times_the_others(tmp_path):
+  jsonl = tmp_path / "rows.jsonl"
+  done = subprocess.run(
+      [sys.executable, "-c", _FAILING_R2, "--victims=c3d", "--clip=4,8,8,3", "--restarts=2,1",
+       "--steps=1", "--steps_per_dispatch=1", "--keep_going", f"--rows_jsonl={jsonl}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert done.returncode == 3, done.stderr[-3000:]
+  assert "no kernel for R = 2" in done.stderr and "failed (left out of the table" in done.stderr
+  (row,) = json.loads(done.stdout)
+  assert row["restarts"] == 1 and row["candidate_steps_per_s"] > 0
+  lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+  assert [(r["restarts"], "error" in r) for r in lines] == [(2, True), (1, False)]
