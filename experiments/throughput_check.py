@@ -32,6 +32,7 @@ from absl import app, flags
 
 from experiments import profile_summary
 from experiments.benchmark_core import add_conv_agreement, add_cost_vs_single, markdown_table
+from vidleak_jax.attack.config import CONVS
 
 _OUT = flags.DEFINE_string("out", None, "Directory of the outputs (created).", required=True)
 _DEADLINE = flags.DEFINE_integer("deadline_s", 540, "Wall-clock budget of all phases.",
@@ -40,6 +41,10 @@ _CONVS = flags.DEFINE_list("convs", ["im2col", "pallas"], "Conv modes compared."
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Quickstart seeds.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes and few steps: checks the machinery, "
                            "measures nothing.")
+flags.register_validator("convs", lambda v: bool(v) and all(c in CONVS for c in v),
+                         message=f"--convs must be a non-empty comma list of: {', '.join(CONVS)}")
+flags.register_validator("seeds", lambda v: bool(v) and all(s.isdigit() for s in v),
+                         message="--seeds must be a non-empty comma list of non-negative integers")
 _KEEP_TRACES = flags.DEFINE_bool("keep_traces", False, "Keep the raw profiler traces (large) "
                                  "besides their summaries in the benchmark rows.")
 
@@ -213,6 +218,12 @@ def summary_markdown(env: dict, runs: list[dict], bench: dict, targets: list[dic
     lines.append(f"| {conv} | {_mean_std(cold)} | {_mean_std(warm)} | "
                  f"{_mean_std([r['psnr_db'] for r in mine])} | "
                  f"{_mean_std([r['init_psnr_db'] for r in mine])} |")
+  first = {r["seed"]: r["psnr_db"] for r in runs if r["conv"] == _CONVS.value[0] and "psnr_db" in r}
+  for conv in _CONVS.value[1:]:
+    diffs = [f"seed {r['seed']} {r['psnr_db'] - first[r['seed']]:+.3f}" for r in runs
+             if r["conv"] == conv and "psnr_db" in r and r["seed"] in first]
+    if diffs:
+      lines.append(f"- PSNR with {conv} minus with {_CONVS.value[0]} (dB): {', '.join(diffs)}")
   lines += [f"- {r['conv']} seed {r['seed']}: {r['note']}" for r in runs if r.get("note")]
   lines += ["", "## Benchmark", "", f"`{bench.get('cmd', '')}`" + (
       f" ({bench['note']})" if bench.get("note") else ""), ""]
@@ -254,7 +265,8 @@ def main(argv: Sequence[str]) -> None:
   _write(out, env, runs, bench)
   bench = benchmark(runner, out)
   _write(out, env, runs, bench)
-  _log(open(os.path.join(out, "summary.md"), encoding="utf-8").read())
+  with open(os.path.join(out, "summary.md"), encoding="utf-8") as f:
+    _log(f.read())
 
 
 if __name__ == "__main__":
