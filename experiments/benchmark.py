@@ -220,12 +220,11 @@ def _bench(clips: list[tuple[int, ...]], restarts: list[int], batchings: list[st
         _log(f"  torch ({row['torch_mode']}): step {1e3 * row['torch_step_s']:.2f}ms, "
              f"{row['torch_candidate_steps_per_s']:.2f} candidate steps/s, "
              f"JAX speedup {row['speedup']:.2f}x")
-      rows.append(row)
-    rounds.append(add_cost_vs_single(rows))
-  if failed:  # a configuration that failed in a later round only: left out of every round
-    rounds = [[row for row in rows if _name(row["victim"], row["clip"], row["restarts"],
-                                              row["batching"], row["conv"]) not in failed]
-              for rows in rounds]
+      rows.append((name, row))
+    rounds.append(rows)
+  # A configuration that failed in a later round only is left out of every round.
+  rounds = [add_cost_vs_single([row for name, row in rows if name not in failed])
+            for rows in rounds]
   return (combine_rounds(rounds) if len(rounds) > 1 else rounds[0]), sorted(failed)
 
 

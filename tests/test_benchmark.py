@@ -184,11 +184,12 @@ def test_keep_going_records_a_failing_configuration_and_times_the_others(tmp_pat
   jsonl = tmp_path / "rows.jsonl"
   done = subprocess.run(
       [sys.executable, "-c", _FAILING_R2, "--victims=c3d", "--clip=4,8,8,3", "--restarts=2,1",
-       "--steps=1", "--steps_per_dispatch=1", "--keep_going", f"--rows_jsonl={jsonl}"],
+       "--steps=1", "--steps_per_dispatch=1", "--rounds=2", "--keep_going",
+       f"--rows_jsonl={jsonl}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert done.returncode == 3, done.stderr[-3000:]
   assert "no kernel for R = 2" in done.stderr and "failed (left out of the table" in done.stderr
   (row,) = json.loads(done.stdout)
-  assert row["restarts"] == 1 and row["candidate_steps_per_s"] > 0
-  lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
-  assert [(r["restarts"], "error" in r) for r in lines] == [(2, True), (1, False)]
+  assert row["restarts"] == 1 and row["rounds"] == 2 and row["candidate_steps_per_s"] > 0
+  lines = [json.loads(line) for line in jsonl.read_text().splitlines()]  # not retried in round 2
+  assert [(r["restarts"], "error" in r) for r in lines] == [(2, True), (1, False), (1, False)]
