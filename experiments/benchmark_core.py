@@ -291,8 +291,8 @@ def add_conv_agreement(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Rows where another conv mode ran the same victim, clip, R and batching, with the relative
   differences of their start objective and start gradient norm to that row's: "start_vs_conv"
   (its mode: im2col where it ran, else the first), "start_objective_rel_diff",
-  "start_gradient_rel_diff". Two modes compute one function: these are float rounding (~1e-6 at
-  float32 `highest`), unless one of them is wrong."""
+  "start_gradient_rel_diff". Two modes compute one function: these are float rounding (pallas
+  against im2col on a CPU: 1e-5 / 1e-7 at float32 `highest`), unless one of them is wrong."""
   groups: dict[tuple, list[dict[str, Any]]] = {}
   for row in rows:
     key = row["victim"], tuple(row["clip"]), row["restarts"], row["batching"]
