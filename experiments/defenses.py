@@ -85,9 +85,9 @@ FEATURE_METRICS = (("feature_rel_error_mean", "feature rel. error", 3),
                    ("label_accuracy", "label acc.", 2))
 NO_UTILITY = {"secagg_4": "= none"}
 # Cells whose utility is trained only on SMALL, a ReLU C3D whose classifier reads 512 features
-# instead of 4,608 (the table reads the figure from the model): Soteria's exact Jacobian takes one reverse pass per feature, ~330 s per client
-# and round for the standard model on 2 busy CPU cores (22 h a run), 1.8 s here. SMALL_UTILITY
-# adds the small model's undefended reference.
+# instead of 4,608 (the table reads the figure from the model): Soteria's exact Jacobian takes
+# one reverse pass per feature, ~330 s per client and round for the standard model on 2 busy CPU
+# cores (22 h a run), 1.8 s here. SMALL_UTILITY adds the small model's undefended reference.
 SMALL_ONLY = ("soteria_50", "soteria_80")
 SMALL_UTILITY = ("none", *SMALL_ONLY)
 SMALL = {"clip_shape": (8, 16, 16, 3), "features": 8}
@@ -98,7 +98,7 @@ def _classifier_inputs(model: dict) -> int:
   its clip shape."""
   t, h, w, c = model["clip_shape"]
   victim = models.create("c3d", jax.random.key(0), frames=t, height=h, width=w, channels=c,
-                            num_classes=4, features=model["features"], activation="relu")
+                         num_classes=4, features=model["features"], activation="relu")
   return int(models.pure(victim)[1]["head"]["kernel"].shape[0])
 
 

@@ -12,7 +12,8 @@ its later seeds served from it (warm: same shapes, same executable); `experiment
 the C3D at 8×32×32 and 16×112×112, R = 1, 32, 256, for each of --convs, its rows appended to
 benchmark_rows.jsonl as they finish. After every phase <out>/summary.json and summary.md are
 rewritten, so a run cut short keeps what it measured. PSNR is computed here with numpy (per frame
--10·log10(MSE), averaged over frames), so the quickstart needs neither dm-pix nor lpips.
+-10·log10(MSE), averaged over frames; tested equal to `vl.metrics.psnr`), so this process never
+opens the accelerator that its phases' subprocesses use.
 """
 
 from __future__ import annotations
